@@ -1,0 +1,42 @@
+"""capsjax: Capsule Networks with dynamic routing (Sabour et al. 2017) in JAX.
+
+Pure functions hold the maths (`squash`, `capsjax.routing`, `capsjax.losses`,
+`capsjax.convolution`); thin Flax linen modules wrap them (`CapsNet` and its
+layers).
+"""
+
+from capsjax import convolution
+from capsjax import losses
+from capsjax import routing
+from capsjax.layers import CapsuleLayer
+from capsjax.layers import Conv2D
+from capsjax.layers import MaskedDecoder
+from capsjax.layers import PrimaryCapsules
+from capsjax.layers import mask_capsules
+from capsjax.models import CapsNet
+from capsjax.models import CapsNetOutput
+from capsjax.nonlinearity import capsule_lengths
+from capsjax.nonlinearity import safe_norm
+from capsjax.nonlinearity import squash
+from capsjax.routing import dynamic_routing
+from capsjax.routing import prediction_vectors
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'CapsNet',
+    'CapsNetOutput',
+    'CapsuleLayer',
+    'Conv2D',
+    'MaskedDecoder',
+    'PrimaryCapsules',
+    'capsule_lengths',
+    'convolution',
+    'dynamic_routing',
+    'losses',
+    'mask_capsules',
+    'prediction_vectors',
+    'routing',
+    'safe_norm',
+    'squash',
+]

@@ -1,0 +1,168 @@
+"""Thin Flax linen modules over the pure capsule functions.
+
+Every module takes a `dtype`: the compute dtype of its matrix multiplies
+(float32 by default; bfloat16 for mixed precision). Parameters stay float32,
+and squash, norms, routing and softmax always run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from capsjax import convolution
+from capsjax import routing
+from capsjax.nonlinearity import capsule_lengths, squash
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+class Conv2D(nn.Module):
+  """VALID square convolution computed as patches @ kernel (see `convolution`).
+
+  Same parameters ('kernel' HWIO, 'bias') and initialisers as `nn.Conv`, but
+  its backward pass avoids XLA:CPU's slow strided-convolution gradient.
+  """
+
+  features: int
+  kernel_size: int
+  stride: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """`(batch, height, width, channels)` -> `(batch, h', w', features)`, f32."""
+    kernel = self.param(
+        'kernel',
+        self.kernel_init,
+        (self.kernel_size, self.kernel_size, images.shape[-1], self.features),
+    )
+    outputs = convolution.conv2d(images, kernel, self.stride, self.dtype)
+    if self.use_bias:
+      outputs = outputs + self.param('bias', self.bias_init, (self.features,))
+    return outputs
+
+
+class PrimaryCapsules(nn.Module):
+  """Convolutional capsules: conv, group channels into vectors, squash.
+
+  Each capsule is `capsule_dim` consecutive channels at one position (never
+  a group of positions, a pitfall of NCHW ports), so a `(h, w,
+  capsule_types * capsule_dim)` map gives `h * w * capsule_types` capsules.
+  """
+
+  capsule_types: int = 32
+  capsule_dim: int = 8
+  kernel_size: int = 9
+  stride: int = 2
+  # The official code's capsule layer effectively scales the conv output by
+  # 1/32 before the squash; the paper does not (1.0).
+  output_scale: float = 1.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> jax.Array:
+    """`(batch, h, w, c)` -> capsules `(batch, h' * w' * types, dim)`, f32."""
+    maps = Conv2D(
+        self.capsule_types * self.capsule_dim,
+        self.kernel_size,
+        self.stride,
+        dtype=self.dtype,
+    )(features)
+    capsules = maps.reshape(features.shape[0], -1, self.capsule_dim)
+    return squash(self.output_scale * capsules.astype(jnp.float32))
+
+
+class CapsuleLayer(nn.Module):
+  """A fully connected capsule layer: prediction vectors, then routing.
+
+  Holds W `(in_capsules, out_capsules, in_dim, out_dim)`, no bias, as the
+  paper's DigitCaps (1152 x 10 matrices of 8 x 16).
+  """
+
+  out_capsules: int
+  out_dim: int
+  routing_iterations: int = 3
+  stop_gradient_intermediate: bool = False
+  dtype: Dtype = jnp.float32
+  weight_init: Initializer = nn.initializers.normal(stddev=0.01)
+
+  @nn.compact
+  def __call__(self, capsules: jax.Array) -> jax.Array:
+    """`(batch, in_capsules, in_dim)` -> `(batch, out_capsules, out_dim)`."""
+    _, in_capsules, in_dim = capsules.shape
+    weights = self.param(
+        'weights',
+        self.weight_init,
+        (in_capsules, self.out_capsules, in_dim, self.out_dim),
+    )
+    u_hat = routing.prediction_vectors(
+        capsules.astype(self.dtype), weights.astype(self.dtype)
+    )
+    return routing.dynamic_routing(
+        u_hat,
+        self.routing_iterations,
+        stop_gradient_intermediate=self.stop_gradient_intermediate,
+    )
+
+
+def mask_capsules(capsules: jax.Array, labels: jax.Array) -> jax.Array:
+  """Zero every capsule but the labelled one and flatten.
+
+  Args:
+    capsules: `(batch, classes, dim)`.
+    labels: `(batch,)` integer class of each example.
+
+  Returns:
+    `(batch, classes * dim)`.
+  """
+  mask = jax.nn.one_hot(labels, capsules.shape[1], dtype=capsules.dtype)
+  return (capsules * mask[:, :, None]).reshape(capsules.shape[0], -1)
+
+
+class MaskedDecoder(nn.Module):
+  """Reconstructs the input from one class capsule (paper, Fig. 2).
+
+  The capsule kept is the label's in training and the longest one otherwise;
+  with `labels` of shape `(batch, k)` each of the k capsules is decoded on its
+  own (MultiMNIST reconstructs each digit from its own capsule).
+  """
+
+  output_shape: Sequence[int] = (28, 28, 1)
+  hidden_sizes: Sequence[int] = (512, 1024)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, capsules: jax.Array, labels: jax.Array | None = None
+  ) -> jax.Array:
+    """capsules `(batch, classes, dim)`, labels `(batch,)`, `(batch, k)` or
+    None -> reconstructions `(batch, *output_shape)` or `(batch, k, *shape)`.
+    """
+    batch = capsules.shape[0]
+    if labels is None:
+      labels = jnp.argmax(capsule_lengths(capsules), axis=-1)
+    per_example = labels.ndim == 2
+    if per_example:
+      decoded_per_example = labels.shape[1]
+      capsules = jnp.repeat(capsules, decoded_per_example, axis=0)
+      labels = labels.reshape(-1)
+    hidden = mask_capsules(capsules, labels)
+    for size in self.hidden_sizes:
+      hidden = nn.relu(nn.Dense(size, dtype=self.dtype)(hidden))
+    pixels = nn.sigmoid(
+        nn.Dense(math.prod(self.output_shape), dtype=self.dtype)(
+            hidden
+        ).astype(jnp.float32)
+    )
+    if per_example:
+      return pixels.reshape(batch, decoded_per_example, *self.output_shape)
+    return pixels.reshape(batch, *self.output_shape)

@@ -1,0 +1,110 @@
+"""The paper's CapsNet: parameter counts, outputs, batch independence, and a
+gradient step that is finite."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+import capsjax
+from capsjax import losses
+
+
+def _parameter_count(model, image_shape):
+  shapes = jax.eval_shape(
+      model.init, jax.random.key(0), jnp.zeros((1, *image_shape))
+  )
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+
+
+def test_parameter_counts_match_the_paper():
+  assert _parameter_count(capsjax.CapsNet(), (28, 28, 1)) == 8_215_568
+  assert (
+      _parameter_count(capsjax.CapsNet(use_decoder=False), (28, 28, 1))
+      == 6_804_224
+  )
+
+
+def test_parameter_shapes_of_each_layer():
+  shapes = jax.eval_shape(
+      capsjax.CapsNet().init, jax.random.key(0), jnp.zeros((1, 28, 28, 1))
+  )['params']
+  chex.assert_shape(shapes['conv1']['kernel'], (9, 9, 1, 256))
+  chex.assert_shape(shapes['primary_capsules']['Conv2D_0']['kernel'],
+                    (9, 9, 256, 256))
+  chex.assert_shape(shapes['class_capsules']['weights'], (1152, 10, 8, 16))
+  chex.assert_shape(shapes['decoder']['Dense_2']['kernel'], (1024, 784))
+
+
+def test_larger_inputs_give_more_primary_capsules():
+  shapes = jax.eval_shape(
+      capsjax.CapsNet().init, jax.random.key(0), jnp.zeros((1, 36, 36, 1))
+  )['params']
+  # 36x36 -> 28x28 after conv1 -> 10x10 primary capsule grid, 32 types.
+  chex.assert_shape(shapes['class_capsules']['weights'], (3200, 10, 8, 16))
+
+
+# A small CapsNet keeps compile times low; the maths is the same code.
+SMALL = dict(conv_features=16, primary_capsule_types=4, decoder_hidden_sizes=(32,))
+
+
+@pytest.fixture(scope='module')
+def small_model_and_params():
+  model = capsjax.CapsNet(**SMALL)
+  images = jax.random.uniform(jax.random.key(0), (9, 28, 28, 1))
+  params = model.init(jax.random.key(1), images[:1])['params']
+  return model, params, images
+
+
+def test_outputs(small_model_and_params):
+  model, params, images = small_model_and_params
+  output = jax.jit(model.apply)({'params': params}, images)
+  chex.assert_shape(output.capsules, (9, 10, 16))
+  chex.assert_shape(output.lengths, (9, 10))
+  chex.assert_shape(output.reconstructions, (9, 28, 28, 1))
+  chex.assert_trees_all_close(
+      output.lengths, jnp.linalg.norm(output.capsules, axis=-1),
+      rtol=1e-5, atol=1e-4,
+  )
+  assert bool(jnp.all((output.lengths >= 0) & (output.lengths < 1)))
+
+
+def test_prediction_does_not_depend_on_the_batch(small_model_and_params):
+  model, params, images = small_model_and_params
+  apply = jax.jit(model.apply)
+  in_batch = apply({'params': params}, images).lengths
+  alone = apply({'params': params}, images[4:5]).lengths
+  chex.assert_trees_all_close(alone[0], in_batch[4], rtol=1e-5, atol=1e-6)
+
+
+def test_without_decoder_no_reconstruction():
+  model = capsjax.CapsNet(use_decoder=False, **SMALL)
+  images = jnp.zeros((2, 28, 28, 1))
+  params = model.init(jax.random.key(0), images)
+  assert model.apply(params, images).reconstructions is None
+
+
+def test_loss_gradient_is_finite_even_on_blank_images(small_model_and_params):
+  model, params, _ = small_model_and_params
+  images = jnp.zeros((2, 28, 28, 1))
+  labels = jnp.array([3, 7])
+
+  def loss(params):
+    output = model.apply({'params': params}, images, labels)
+    return jnp.mean(
+        losses.margin_loss(output.lengths, jax.nn.one_hot(labels, 10))
+        + losses.reconstruction_loss(output.reconstructions, images)
+    )
+
+  gradients = jax.jit(jax.grad(loss))(params)
+  chex.assert_tree_all_finite(gradients)
+  # Blank images with zero biases make every capsule input exactly zero, the
+  # case where an unsafe norm would give NaN; the decoder still learns.
+  assert float(jnp.abs(gradients['decoder']['Dense_1']['bias']).sum()) > 0
+
+
+def test_bad_input_rank_is_an_error():
+  with pytest.raises(ValueError, match='batch, height, width, channels'):
+    capsjax.CapsNet(**SMALL).init(jax.random.key(0), jnp.zeros((28, 28, 1)))

@@ -1,0 +1,75 @@
+"""Default config: the paper's MNIST CapsNet and training recipe.
+
+Override any field on the command line, e.g.
+`python -m train.main --workdir=/tmp/caps --config.batch_size=32`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Data.
+  config.dataset = 'mnist'  # 'mnist' or 'fashion_mnist'
+  # Folder of the four original IDX files. '' means ../shared/data/<dataset>
+  # beside the repository if present, else download (tfds, checksummed).
+  config.data_dir = ''
+  # Where tfds keeps the prepared array_record files.
+  config.tfds_data_dir = '~/tensorflow_datasets'
+  config.validation_size = 5000  # held out from the end of the train split
+  config.max_shift = 2  # random shift of training images, pixels
+  # Use only the first N training / evaluation examples (-1 = all); for
+  # smoke tests and quick experiments.
+  config.num_train_examples = -1
+  config.num_eval_examples = -1
+
+  # Model (capsjax.CapsNet).
+  config.model = ml_collections.ConfigDict()
+  config.model.routing_iterations = 3
+  config.model.stop_gradient_intermediate = False  # paper and official: False
+  config.model.conv_features = 256
+  config.model.primary_capsule_types = 32
+  config.model.primary_capsule_dim = 8
+  config.model.class_capsule_dim = 16
+  config.model.decoder_hidden_sizes = (512, 1024)
+  # Official code: 1 / 32 (a side effect of its capsule layer); paper: 1.
+  config.model.primary_capsule_scale = 1.0
+  # Shortcut for model.routing_iterations (the field most often swept).
+  config.routing_iterations = config.model.get_ref('routing_iterations')
+
+  # Loss: margin loss + reconstruction_weight * sum of squared errors.
+  # 0 trains without the decoder (the paper's "no reconstruction" rows).
+  config.reconstruction_weight = 0.0005
+  config.margin_positive = 0.9
+  config.margin_negative = 0.1
+  config.absent_class_weight = 0.5
+
+  # Optimisation: Adam with exponential decay (official code: x0.96 every
+  # 2000 steps, applied smoothly).
+  config.learning_rate = 1e-3
+  config.learning_rate_decay_rate = 0.96
+  config.learning_rate_decay_steps = 2000
+  config.batch_size = 128  # global, over all devices and hosts
+  config.eval_batch_size = 500
+  config.num_epochs = 50
+  config.max_steps = -1  # stop after this many steps in all (-1: no limit)
+  # 'float32', or 'bfloat16': bfloat16 matmul inputs, float32 parameters,
+  # optimizer state, squash, norms, routing and losses.
+  config.precision = 'float32'
+  config.seed = 0
+
+  # Checkpoints (orbax) and logging.
+  config.checkpoint_every_steps = 500  # and at the end of every epoch
+  config.keep_checkpoints = 3  # the last K, plus the best on validation
+  config.log_every_steps = 50
+  config.num_reconstructions = 16  # test images in reconstructions.png
+
+  # Several hosts: jax.distributed.initialize() when True, or when 'auto'
+  # and a cluster environment (SLURM, Cloud TPU, ...) is detected. The
+  # coordinator fields are only needed off a managed cluster.
+  config.distributed = 'auto'
+  config.coordinator_address = ''
+  config.num_processes = -1
+  config.process_id = -1
+  return config

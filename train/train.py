@@ -1,0 +1,630 @@
+"""Training and evaluation of CapsNet: `train_and_evaluate(config, workdir)`.
+
+Data parallel over every device of every host: a 1-D mesh named 'data', the
+batch sharded along it, parameters and optimizer state replicated, one
+`jax.jit`-compiled step (XLA inserts the gradient all-reduce). This is the
+`jax.sharding` replacement of `pmap`, and runs unchanged on one CPU, several
+devices, or several hosts.
+
+Resuming needs only the checkpoint: the training batch of a step is a pure
+function of (seed, step) (see `input_pipeline.train_batch`), there is no
+other randomness, and the learning-rate schedule reads the step from the
+optimizer state.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax.training import train_state
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import capsjax
+from capsjax import losses
+from train import input_pipeline
+from train.datasets import DataError
+
+DATASETS = ('mnist', 'fashion_mnist')
+PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+NUM_CLASSES = 10
+Metrics = dict[str, float]
+
+
+class ConfigError(ValueError):
+  """An impossible or unknown setting; the message names the field."""
+
+
+# ---------------------------------------------------------------------------
+# Configuration checks, before anything is compiled.
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int,
+                    num_processes: int = 1) -> None:
+  """Raises ConfigError naming the first impossible field."""
+
+  def require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+      raise ConfigError(
+          f'config.{field}={config_value(config, field)!r}: {message}')
+
+  require(config.dataset in DATASETS, 'dataset', f'must be one of {DATASETS}')
+  require(not config.data_dir or Path(config.data_dir).expanduser().is_dir(),
+          'data_dir', 'no such directory')
+  require(config.model.routing_iterations >= 1, 'model.routing_iterations',
+          'must be >= 1')
+  require(config.precision in PRECISIONS, 'precision',
+          f'must be one of {tuple(PRECISIONS)}')
+  for field in ('batch_size', 'eval_batch_size'):
+    require(config[field] >= 1, field, 'must be >= 1')
+    require(config[field] % num_devices == 0, field,
+            f'must divide evenly over the {num_devices} devices')
+    require(config[field] % num_processes == 0, field,
+            f'must divide evenly over the {num_processes} processes')
+  require(config.num_epochs >= 1 or config.max_steps >= 1, 'num_epochs',
+          'must be >= 1 (or set max_steps)')
+  require(config.learning_rate > 0, 'learning_rate', 'must be > 0')
+  require(0 < config.learning_rate_decay_rate <= 1, 'learning_rate_decay_rate',
+          'must be in (0, 1]')
+  require(config.learning_rate_decay_steps >= 1, 'learning_rate_decay_steps',
+          'must be >= 1')
+  require(config.reconstruction_weight >= 0, 'reconstruction_weight',
+          'must be >= 0')
+  require(config.max_shift >= 0, 'max_shift', 'must be >= 0')
+  require(config.checkpoint_every_steps >= 1, 'checkpoint_every_steps',
+          'must be >= 1')
+  require(config.keep_checkpoints >= 1, 'keep_checkpoints', 'must be >= 1')
+  require(config.log_every_steps >= 1, 'log_every_steps', 'must be >= 1')
+  require(config.seed >= 0, 'seed', 'must be >= 0')
+  require(config.distributed in (True, False, 'auto'), 'distributed',
+          "must be True, False or 'auto'")
+  num_train = (config.num_train_examples if config.num_train_examples > 0
+               else 60000 - config.validation_size)
+  require(config.batch_size <= num_train, 'batch_size',
+          f'is larger than the {num_train} training examples')
+
+
+def config_value(config: ml_collections.ConfigDict, dotted_field: str) -> Any:
+  value = config
+  for part in dotted_field.split('.'):
+    value = value[part]
+  return value
+
+
+# ---------------------------------------------------------------------------
+# Model, optimizer, state.
+
+
+def create_model(config: ml_collections.ConfigDict) -> capsjax.CapsNet:
+  model_config = config.model
+  return capsjax.CapsNet(
+      num_classes=NUM_CLASSES,
+      routing_iterations=model_config.routing_iterations,
+      use_decoder=config.reconstruction_weight > 0,
+      conv_features=model_config.conv_features,
+      primary_capsule_types=model_config.primary_capsule_types,
+      primary_capsule_dim=model_config.primary_capsule_dim,
+      primary_capsule_scale=model_config.primary_capsule_scale,
+      class_capsule_dim=model_config.class_capsule_dim,
+      decoder_hidden_sizes=tuple(model_config.decoder_hidden_sizes),
+      stop_gradient_intermediate=model_config.stop_gradient_intermediate,
+      dtype=PRECISIONS[config.precision],
+  )
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """lr * decay_rate ** (step / decay_steps), the official code's schedule."""
+  return optax.exponential_decay(
+      init_value=config.learning_rate,
+      transition_steps=config.learning_rate_decay_steps,
+      decay_rate=config.learning_rate_decay_rate,
+  )
+
+
+def create_train_state(config: ml_collections.ConfigDict,
+                       image_shape: tuple[int, ...]) -> train_state.TrainState:
+  model = create_model(config)
+  images = jnp.zeros((1, *image_shape), jnp.float32)
+  params = model.init(jax.random.key(config.seed), images,
+                      jnp.zeros((1,), jnp.int32))['params']
+  return train_state.TrainState.create(
+      apply_fn=model.apply,
+      params=params,
+      tx=optax.adam(learning_rate_schedule(config)),
+  )
+
+
+# ---------------------------------------------------------------------------
+# Steps.
+
+
+def per_example_losses(output: capsjax.CapsNetOutput, images: jax.Array,
+                       labels: jax.Array,
+                       config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """Margin, reconstruction and total loss, each `(batch,)`."""
+  margin = losses.margin_loss(
+      output.lengths,
+      jax.nn.one_hot(labels, NUM_CLASSES),
+      margin_positive=config.margin_positive,
+      margin_negative=config.margin_negative,
+      absent_class_weight=config.absent_class_weight,
+  )
+  if output.reconstructions is None:
+    reconstruction = jnp.zeros_like(margin)
+  else:
+    reconstruction = losses.reconstruction_loss(
+        output.reconstructions, images, weight=config.reconstruction_weight)
+  return {
+      'loss': margin + reconstruction,
+      'margin_loss': margin,
+      'reconstruction_loss': reconstruction,
+      'accuracy': (jnp.argmax(output.lengths, -1) == labels).astype(
+          jnp.float32),
+  }
+
+
+def train_step(state: train_state.TrainState, batch: dict[str, jax.Array],
+               config: ml_collections.ConfigDict):
+  """One Adam step on the mean loss of a (global) batch."""
+
+  def loss_fn(params):
+    # In training the decoder reconstructs from the label's capsule.
+    output = state.apply_fn({'params': params}, batch['image'], batch['label'])
+    per_example = per_example_losses(output, batch['image'], batch['label'],
+                                     config)
+    means = {name: jnp.mean(value) for name, value in per_example.items()}
+    return means['loss'], means
+
+  gradients, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+  return state.apply_gradients(grads=gradients), metrics
+
+
+def eval_step(params, batch: dict[str, jax.Array], apply_fn,
+              config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """Sums of the per-example metrics over the real (mask = 1) rows."""
+  # Without labels the decoder reconstructs from the longest capsule.
+  output = apply_fn({'params': params}, batch['image'])
+  per_example = per_example_losses(output, batch['image'], batch['label'],
+                                   config)
+  sums = {name: jnp.sum(value * batch['mask'])
+          for name, value in per_example.items()}
+  sums['count'] = jnp.sum(batch['mask'])
+  return sums
+
+
+# ---------------------------------------------------------------------------
+# Devices and hosts.
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """`jax.distributed.initialize` when asked to, before devices are used."""
+  if config.distributed is False:
+    return
+  explicit = bool(config.coordinator_address)
+  if config.distributed == 'auto' and not explicit and not any(
+      variable in os.environ for variable in (
+          'SLURM_JOB_ID', 'JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES',
+          'OMPI_COMM_WORLD_SIZE')):
+    return
+  if jax.distributed.is_initialized():
+    return
+  kwargs = {}
+  if explicit:
+    kwargs = dict(coordinator_address=config.coordinator_address,
+                  num_processes=config.num_processes,
+                  process_id=config.process_id)
+  jax.distributed.initialize(**kwargs)
+
+
+class DataParallel:
+  """A 1-D device mesh: batches sharded along 'data', state replicated."""
+
+  def __init__(self):
+    self.mesh = Mesh(np.array(jax.devices()), ('data',))
+    self.batch = NamedSharding(self.mesh, PartitionSpec('data'))
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+
+  def global_batch(self, local_batch: dict[str, np.ndarray]):
+    """This process's rows -> one global array per field, sharded."""
+    return {
+        name: jax.make_array_from_process_local_data(self.batch, value)
+        for name, value in local_batch.items()
+    }
+
+  def replicate(self, host_array: np.ndarray) -> jax.Array:
+    """The same host array on every process -> replicated global array."""
+    return jax.make_array_from_process_local_data(self.replicated, host_array)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints.
+
+
+class Checkpoints:
+  """Orbax checkpoints of the train state plus a JSON record of progress.
+
+  Keeps the last `keep` checkpoints and the best one by validation accuracy.
+  An unreadable checkpoint is reported and moved out of the way (to
+  `workdir/unreadable_checkpoints/`, never deleted), and the previous one is
+  used.
+  """
+
+  def __init__(self, workdir: Path, keep: int):
+    self.directory = (workdir / 'checkpoints').absolute()
+    self.quarantine = workdir.absolute() / 'unreadable_checkpoints'
+    self._keep = keep
+    self.manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy([
+            policies.LatestN(n=self._keep),
+            policies.BestN(
+                get_metric_fn=lambda metrics: metrics['validation_accuracy'],
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            ),
+        ]),
+        enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(self.directory, options=options)
+
+  def save(self, step: int, state, progress: dict[str, Any],
+           validation_accuracy: float | None = None) -> None:
+    metrics = (None if validation_accuracy is None else
+               {'validation_accuracy': validation_accuracy})
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            progress=ocp.args.JsonSave(progress),
+        ),
+        metrics=metrics,
+    )
+
+  def restore(self, step: int, abstract_state):
+    restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            progress=ocp.args.JsonRestore(),
+        ),
+    )
+    return restored['state'], restored['progress']
+
+  def restore_latest(self, abstract_state):
+    """(state, progress) of the newest readable checkpoint, or None."""
+    self.manager.wait_until_finished()
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.restore(step, abstract_state)
+      except Exception as error:  # pylint: disable=broad-except
+        self._set_aside(step, error)
+    return None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    message = (f'checkpoint {self.directory / str(step)} is unreadable '
+               f'({type(error).__name__}: {str(error)[:300]}); using the '
+               'previous one')
+    logging.error('%s', message)
+    print(f'warning: {message}', flush=True)
+    if jax.process_index() == 0:
+      self.quarantine.mkdir(parents=True, exist_ok=True)
+      destination = self.quarantine / f'{step}-{int(time.time())}'
+      shutil.move(str(self.directory / str(step)), str(destination))
+      logging.error('moved it to %s', destination)
+    multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+    self.manager.close()
+    self.manager = self._open()
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+# ---------------------------------------------------------------------------
+# Logging.
+
+
+class MetricsLog:
+  """metrics.jsonl (one JSON object per record) and TensorBoard events.
+
+  Only process 0 writes.
+  """
+
+  def __init__(self, workdir: Path):
+    self._enabled = jax.process_index() == 0
+    self._path = workdir / 'metrics.jsonl'
+    self._tensorboard = None
+    if self._enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tensorboard = SummaryWriter(str(workdir / 'tensorboard'))
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self._enabled:
+      return
+    with self._path.open('a') as file:
+      file.write(json.dumps(record) + '\n')
+    step = record['step']
+    for name, value in record.items():
+      if isinstance(value, float):
+        self._tensorboard.add_scalar(f'{record["kind"]}/{name}', value, step)
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+class Progress:
+  """A one-line progress bar with steps/s and ETA (process 0 only)."""
+
+  def __init__(self, first_step: int, total_steps: int):
+    self._first_step = first_step
+    self._total = total_steps
+    self._start = time.monotonic()
+    self._last_print = 0.0
+    self._enabled = jax.process_index() == 0
+    self._interactive = os.isatty(1)
+
+  def update(self, step: int, metrics: Metrics | None = None,
+             force: bool = False) -> None:
+    now = time.monotonic()
+    interval = 0.5 if self._interactive else 30.0
+    if not self._enabled or (not force and now - self._last_print < interval):
+      return
+    self._last_print = now
+    done = step - self._first_step
+    rate = done / max(now - self._start, 1e-9)
+    remaining = (self._total - step) / rate if rate > 0 else float('inf')
+    width = 30
+    filled = int(width * step / max(self._total, 1))
+    bar = '#' * filled + '.' * (width - filled)
+    text = (f'[{bar}] step {step}/{self._total} {rate:.2f} steps/s '
+            f'ETA {_format_seconds(remaining)}')
+    if metrics:
+      text += ' ' + ' '.join(f'{k}={v:.4f}' for k, v in metrics.items())
+    print('\r' + text if self._interactive else text,
+          end='' if self._interactive else '\n', flush=True)
+
+  def close(self) -> None:
+    if self._enabled and self._interactive:
+      print(flush=True)
+
+
+def _format_seconds(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return '?'
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}:{minutes:02d}:{seconds:02d}'
+
+
+def _mean_metrics(history: list[dict[str, jax.Array]]) -> Metrics:
+  stacked = jax.device_get(history)
+  return {name: float(np.mean([record[name] for record in stacked]))
+          for name in stacked[0]}
+
+
+# ---------------------------------------------------------------------------
+# Evaluation and figures.
+
+
+def evaluate(eval_fn, params, images: np.ndarray, labels: np.ndarray,
+             config: ml_collections.ConfigDict,
+             parallel: DataParallel) -> Metrics:
+  """Mean metrics over every example (the last partial batch included)."""
+  totals: dict[str, float] = {}
+  for batch in input_pipeline.eval_batches(
+      images, labels, config.eval_batch_size, jax.process_index(),
+      jax.process_count()):
+    sums = jax.device_get(eval_fn(params, parallel.global_batch(batch)))
+    for name, value in sums.items():
+      totals[name] = totals.get(name, 0.0) + float(value)
+  count = totals.pop('count')
+  metrics = {name: value / count for name, value in totals.items()}
+  metrics['count'] = int(count)
+  return metrics
+
+
+def save_reconstructions(path: Path, images: np.ndarray, labels: np.ndarray,
+                         output: capsjax.CapsNetOutput) -> None:
+  """A PNG: test images (top) above their reconstructions (bottom)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  predictions = np.argmax(output.lengths, -1)
+  count = len(images)
+  figure, axes = plt.subplots(2, count, figsize=(1.2 * count, 2.8))
+  for column in range(count):
+    axes[0, column].imshow(images[column, ..., 0], cmap='gray', vmin=0, vmax=1)
+    axes[0, column].set_title(f'true {labels[column]}', fontsize=8)
+    axes[1, column].imshow(output.reconstructions[column, ..., 0], cmap='gray',
+                           vmin=0, vmax=1)
+    axes[1, column].set_title(f'pred {predictions[column]}', fontsize=8)
+  for axis in axes.ravel():
+    axis.set_axis_off()
+  figure.suptitle('test images (top) and reconstructions from the longest '
+                  'capsule (bottom)', fontsize=9)
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+
+
+def _limit(images: np.ndarray, labels: np.ndarray, limit: int):
+  return (images, labels) if limit <= 0 else (images[:limit], labels[:limit])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains, keeps the best checkpoint on validation, tests it.
+
+  Returns:
+    The final test metrics of the best-on-validation checkpoint and where it
+    came from (also written to `workdir/test_results.json`).
+  """
+  maybe_initialize_distributed(config)
+  validate_config(config, jax.device_count(), jax.process_count())
+  workdir_path = Path(workdir).expanduser().absolute()
+  workdir_path.mkdir(parents=True, exist_ok=True)
+
+  # Data: process 0 prepares the tfds files once, the others then read them.
+  tfds_data_dir = os.path.expanduser(config.tfds_data_dir)
+  load = functools.partial(input_pipeline.load_splits, config.dataset,
+                           config.data_dir, tfds_data_dir,
+                           config.validation_size)
+  try:
+    if jax.process_index() == 0:
+      splits = load()
+    multihost_utils.sync_global_devices('dataset prepared')
+    if jax.process_index() != 0:
+      splits = load()
+  except DataError as error:
+    raise ConfigError(f'config.dataset={config.dataset!r}: {error}') from error
+  train_data = _limit(splits.train_images, splits.train_labels,
+                      config.num_train_examples)
+  validation = _limit(splits.validation_images, splits.validation_labels,
+                      config.num_eval_examples)
+  test = _limit(splits.test_images, splits.test_labels,
+                config.num_eval_examples)
+  steps_per_epoch = input_pipeline.steps_per_epoch(len(train_data[1]),
+                                                   config.batch_size)
+  total_steps = steps_per_epoch * config.num_epochs
+  if config.max_steps > 0:
+    total_steps = (config.max_steps if config.num_epochs < 1 else
+                   min(total_steps, config.max_steps))
+  image_shape = train_data[0].shape[1:]
+
+  parallel = DataParallel()
+  state = jax.jit(functools.partial(create_train_state, config, image_shape),
+                  out_shardings=parallel.replicated)()
+  checkpoints = Checkpoints(workdir_path, config.keep_checkpoints)
+  progress_record = {'best_validation_accuracy': -1.0, 'best_step': -1}
+  restored = checkpoints.restore_latest(state)
+  if restored is not None:
+    state, progress_record = restored
+    state = jax.device_put(state, parallel.replicated)
+    logging.info('Resumed from step %d.', int(state.step))
+    if jax.process_index() == 0:
+      print(f'resumed from the checkpoint at step {int(state.step)}',
+            flush=True)
+
+  step_fn = jax.jit(functools.partial(train_step, config=config),
+                    donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, apply_fn=state.apply_fn,
+                                      config=config))
+  metrics_log = MetricsLog(workdir_path)
+  first_step = int(state.step)
+  progress = Progress(first_step, total_steps)
+  history: list[dict[str, jax.Array]] = []
+  batches = input_pipeline.prefetch(
+      input_pipeline.train_batches(
+          train_data, config.batch_size, config.seed, start_step=first_step,
+          num_steps=max(total_steps - first_step, 0),
+          process_index=jax.process_index(),
+          process_count=jax.process_count(), max_shift=config.max_shift))
+  epoch_start = time.monotonic()
+  try:
+    for step in range(first_step + 1, total_steps + 1):
+      state, metrics = step_fn(state, parallel.global_batch(next(batches)))
+      history.append(metrics)
+      if step % config.log_every_steps == 0:
+        progress.update(step, _mean_metrics(history[-config.log_every_steps:]))
+      else:
+        progress.update(step)
+      end_of_epoch = step % steps_per_epoch == 0
+      if not (end_of_epoch or step == total_steps or
+              step % config.checkpoint_every_steps == 0):
+        continue
+      validation_accuracy = None
+      if end_of_epoch or step == total_steps:
+        train_metrics = _mean_metrics(history)
+        history = []
+        validation_metrics = evaluate(eval_fn, state.params, *validation,
+                                      config, parallel)
+        validation_accuracy = validation_metrics['accuracy']
+        record = {
+            'kind': 'epoch', 'step': step,
+            'epoch': step / steps_per_epoch,
+            'seconds': time.monotonic() - epoch_start,
+            **{f'train_{k}': v for k, v in train_metrics.items()},
+            **{f'validation_{k}': v for k, v in validation_metrics.items()
+               if k != 'count'},
+        }
+        metrics_log.write(record)
+        progress.update(step, force=True)
+        if jax.process_index() == 0:
+          print('\n' + json.dumps(record), flush=True)
+        if validation_accuracy > progress_record['best_validation_accuracy']:
+          progress_record = {'best_validation_accuracy': validation_accuracy,
+                             'best_step': step}
+        epoch_start = time.monotonic()
+      checkpoints.save(step, state, progress_record, validation_accuracy)
+  finally:
+    batches.close()
+    progress.close()
+    checkpoints.wait()
+
+  results = _test_best(config, checkpoints, state, progress_record, test,
+                       eval_fn, parallel, workdir_path)
+  metrics_log.write({'kind': 'test', 'step': int(state.step),
+                     **{k: v for k, v in results.items()
+                        if isinstance(v, float)}})
+  metrics_log.close()
+  checkpoints.close()
+  return results
+
+
+def _test_best(config, checkpoints: Checkpoints, state, progress_record,
+               test, eval_fn, parallel: DataParallel,
+               workdir: Path) -> dict[str, Any]:
+  """Evaluates the best-on-validation checkpoint on the test set."""
+  best_step = progress_record['best_step']
+  if best_step >= 0 and best_step != int(state.step):
+    state, _ = checkpoints.restore(best_step, state)
+    state = jax.device_put(state, parallel.replicated)
+  test_metrics = evaluate(eval_fn, state.params, *test, config, parallel)
+  results = {
+      'checkpoint_step': int(state.step),
+      'validation_accuracy': progress_record['best_validation_accuracy'],
+      'test_accuracy': test_metrics['accuracy'],
+      'test_error': 1.0 - test_metrics['accuracy'],
+      'test_loss': test_metrics['loss'],
+      'test_examples': test_metrics['count'],
+  }
+  if config.reconstruction_weight > 0 and config.num_reconstructions > 0:
+    count = min(config.num_reconstructions, len(test[1]))
+    images, labels = test[0][:count], test[1][:count]
+    output = jax.jit(state.apply_fn, out_shardings=parallel.replicated)(
+        {'params': state.params}, parallel.replicate(images))
+    if jax.process_index() == 0:
+      save_reconstructions(workdir / 'reconstructions.png', images, labels,
+                           jax.device_get(output))
+  if jax.process_index() == 0:
+    (workdir / 'test_results.json').write_text(
+        json.dumps(results, indent=2) + '\n')
+    print('test of the best checkpoint on validation: ' + json.dumps(results),
+          flush=True)
+  return results

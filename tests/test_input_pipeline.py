@@ -1,0 +1,340 @@
+"""Tests of the numpy input pipeline (train/input_pipeline)."""
+
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from train import datasets
+from train import input_pipeline as ip
+from train.datasets import DataError
+
+TEST_CLASS_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def id_dataset(num_examples: int = 103, size: int = 6):
+  """Images whose pixels all hold their index (mod 256); labels = index."""
+  ids = np.arange(num_examples)
+  images = np.broadcast_to((ids % 256)[:, None, None, None],
+                           (num_examples, size, size, 1)).astype(np.float32)
+  return images, ids.astype(np.int32)
+
+
+# ---------------------------------------------------------------------------
+# load_splits on the real MNIST.
+
+
+def test_split_sizes_and_types(mnist_splits):
+  expected_sizes = {'train': 55000, 'validation': 5000, 'test': 10000}
+  for split, size in expected_sizes.items():
+    images = getattr(mnist_splits, f'{split}_images')
+    labels = getattr(mnist_splits, f'{split}_labels')
+    assert images.shape == (size, 28, 28, 1) and images.dtype == np.float32
+    assert labels.shape == (size,) and labels.dtype == np.int32
+    assert images.min() == 0.0 and images.max() == 1.0
+    assert labels.min() == 0 and labels.max() == 9
+
+
+def test_tensorflow_is_not_needed(mnist_splits):
+  del mnist_splits  # Prepared and read by now.
+  assert 'tensorflow' not in sys.modules
+
+
+def test_test_split_class_counts(mnist_splits):
+  assert np.bincount(mnist_splits.test_labels).tolist() == TEST_CLASS_COUNTS
+
+
+def test_splits_keep_the_original_order(mnist_splits, mnist_idx_dir):
+  """validation is the tail of the official train set, test is t10k."""
+  train_images, train_labels = datasets.read_idx_split(
+      mnist_idx_dir / 'train-images-idx3-ubyte.gz',
+      mnist_idx_dir / 'train-labels-idx1-ubyte.gz')
+  np.testing.assert_array_equal(mnist_splits.validation_labels,
+                                train_labels[-5000:])
+  np.testing.assert_array_equal(mnist_splits.train_labels,
+                                train_labels[:-5000])
+  np.testing.assert_array_equal(
+      mnist_splits.validation_images[..., 0],
+      train_images[-5000:].astype(np.float32) / 255)
+  test_labels = datasets.read_idx(mnist_idx_dir / 't10k-labels-idx1-ubyte.gz')
+  np.testing.assert_array_equal(mnist_splits.test_labels, test_labels)
+
+
+def test_second_load_does_not_prepare_again(mnist_splits, mnist_idx_dir,
+                                            mnist_tfds_dir, monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError('prepared again')
+  monkeypatch.setattr(datasets.CapsjaxMnist, 'download_and_prepare', fail)
+  monkeypatch.setattr(datasets, 'verify_idx_files', fail)
+  splits = ip.load_splits('mnist', str(mnist_idx_dir), str(mnist_tfds_dir),
+                          validation_size=10000)
+  assert len(splits.train_labels) == 50000
+  np.testing.assert_array_equal(splits.test_labels, mnist_splits.test_labels)
+
+
+def test_fast_parsing_matches_tfds_decoding(mnist_tfds_dir):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = datasets.CapsjaxMnist(data_dir=str(mnist_tfds_dir))
+  raw = tfds.data_source(
+      builder.name, split='test', data_dir=str(mnist_tfds_dir),
+      download=False,
+      deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  records = raw.__getitems__(range(0, 10000, 7))
+  features = builder.info.features
+  fast = ip._parse_records_fast(records)  # pylint: disable=protected-access
+  slow = ip._parse_records_with_tfds(  # pylint: disable=protected-access
+      records, features)
+  for fast_array, slow_array in zip(fast, slow):
+    np.testing.assert_array_equal(fast_array, slow_array)
+
+
+def test_unknown_dataset_is_named():
+  with pytest.raises(DataError, match='kmnist'):
+    ip.load_splits('kmnist', None, '/tmp/unused')
+
+
+def test_missing_explicit_data_dir_is_named(tmp_path):
+  missing = tmp_path / 'no_such_dir'
+  with pytest.raises(DataError, match='no_such_dir'):
+    ip.load_splits('mnist', str(missing), str(tmp_path / 'tfds'))
+
+
+def test_default_data_dir_is_shared_copy_else_download(tmp_path, monkeypatch):
+  for empty in (None, ''):
+    assert ip.resolve_idx_dir('mnist', empty) == ip.default_idx_dir('mnist')
+  (tmp_path / 'mnist').mkdir()
+  monkeypatch.setattr(ip, 'SHARED_DATA_DIR', tmp_path)
+  assert ip.resolve_idx_dir('mnist', None) == tmp_path / 'mnist'
+  assert ip.resolve_idx_dir('fashion_mnist', None) is None  # Download.
+
+
+# ---------------------------------------------------------------------------
+# random_shift.
+
+
+def shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+  """Reference: image moved down dy and right dx, zeros where vacated."""
+  out = np.zeros_like(image)
+  height, width = image.shape[:2]
+  out[max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = (
+      image[max(-dy, 0):height + min(-dy, 0), max(-dx, 0):width + min(-dx, 0)])
+  return out
+
+
+def random_images(num_images=64, size=10, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.uniform(0.1, 1.0, (num_images, size, size, 1)).astype(np.float32)
+
+
+def test_shift_zero_is_identity():
+  images = random_images()
+  out = ip.random_shift(images, np.random.default_rng(0), max_shift=0)
+  np.testing.assert_array_equal(out, images)
+
+
+def test_shift_matches_reference_and_uses_the_whole_range():
+  images = random_images(num_images=400)
+  out = ip.random_shift(images, np.random.default_rng(1), max_shift=2)
+  used = set()
+  for image, result in zip(images, out):
+    matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+               if np.array_equal(result, shifted(image, dy, dx))]
+    assert len(matches) == 1  # Pixels are > 0, so the shift is unique.
+    used.add(matches[0])
+  assert len(used) == 25
+
+
+def test_shift_is_deterministic_for_a_seed():
+  images = random_images()
+  first = ip.random_shift(images, np.random.default_rng(7))
+  second = ip.random_shift(images, np.random.default_rng(7))
+  other = ip.random_shift(images, np.random.default_rng(8))
+  np.testing.assert_array_equal(first, second)
+  assert not np.array_equal(first, other)
+
+
+def test_shift_images_on_unbatched_channels_and_2d():
+  images = random_images(num_images=3)[..., 0]  # (N, H, W)
+  shifts = np.array([[1, 0], [0, -2], [-1, 1]])
+  out = ip.shift_images(images, shifts)
+  for image, (dy, dx), result in zip(images, shifts, out):
+    np.testing.assert_array_equal(result, shifted(image, dy, dx))
+
+
+# ---------------------------------------------------------------------------
+# train_batch.
+
+
+def test_steps_per_epoch_drops_the_partial_batch():
+  assert ip.steps_per_epoch(103, 10) == 10
+  assert ip.steps_per_epoch(100, 10) == 10
+  with pytest.raises(ValueError):
+    ip.steps_per_epoch(5, 10)
+
+
+def test_train_batch_is_a_function_of_seed_and_step():
+  data = id_dataset()
+  first = ip.train_batch(data, step=3, batch_size=10, seed=1)
+  again = ip.train_batch(data, step=3, batch_size=10, seed=1)
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(first[key], again[key])
+  other_seed = ip.train_batch(data, step=3, batch_size=10, seed=2)
+  other_step = ip.train_batch(data, step=4, batch_size=10, seed=1)
+  assert not np.array_equal(first['label'], other_seed['label'])
+  assert not np.array_equal(first['label'], other_step['label'])
+  assert first['image'].dtype == np.float32
+  assert first['label'].dtype == np.int32
+
+
+def test_steps_of_an_epoch_are_disjoint():
+  data = id_dataset(num_examples=103)
+  labels = [ip.train_batch(data, step, batch_size=10, seed=0,
+                           max_shift=0)['label'] for step in range(10)]
+  seen = np.concatenate(labels)
+  assert len(np.unique(seen)) == 100  # 10 steps x 10, none repeated.
+
+
+def test_batch_rows_are_the_images_of_their_labels():
+  images, labels = id_dataset()
+  batch = ip.train_batch((images, labels), step=2, batch_size=16, seed=0,
+                         max_shift=0)
+  np.testing.assert_array_equal(batch['image'], images[batch['label']])
+
+
+def test_process_slices_make_up_the_global_batch():
+  data = id_dataset()
+  for step in (0, 11):
+    whole = ip.train_batch(data, step, batch_size=16, seed=5)
+    parts = [ip.train_batch(data, step, batch_size=16, seed=5,
+                            process_index=p, process_count=2)
+             for p in range(2)]
+    for key in ('image', 'label'):
+      assert parts[0][key].shape[0] == 8
+      np.testing.assert_array_equal(
+          np.concatenate([part[key] for part in parts]), whole[key])
+
+
+def test_epoch_boundary():
+  data = id_dataset(num_examples=103)
+  steps = ip.steps_per_epoch(103, 10)
+  epoch_0 = np.concatenate([
+      ip.train_batch(data, s, 10, seed=0)['label'] for s in range(steps)])
+  epoch_1 = np.concatenate([
+      ip.train_batch(data, s, 10, seed=0)['label']
+      for s in range(steps, 2 * steps)])
+  assert len(np.unique(epoch_0)) == len(np.unique(epoch_1)) == 100
+  assert not np.array_equal(epoch_0, epoch_1)  # A new permutation.
+  # Going back to an earlier epoch gives the same batch again (resume).
+  np.testing.assert_array_equal(
+      ip.train_batch(data, 0, 10, seed=0)['label'], epoch_0[:10])
+
+
+def test_train_batch_checks_process_split():
+  with pytest.raises(ValueError, match='divide'):
+    ip.train_batch(id_dataset(), 0, batch_size=10, seed=0, process_count=3)
+
+
+def test_train_batch_on_real_splits(mnist_splits):
+  batch = ip.train_batch(mnist_splits, step=1000, batch_size=128, seed=0)
+  assert batch['image'].shape == (128, 28, 28, 1)
+  assert batch['label'].shape == (128,)
+  assert 0.0 <= batch['image'].min() and batch['image'].max() <= 1.0
+
+
+def test_train_batches_iterates_steps():
+  data = id_dataset()
+  batches = list(ip.train_batches(data, 10, seed=0, start_step=4,
+                                  num_steps=3))
+  assert len(batches) == 3
+  np.testing.assert_array_equal(
+      batches[2]['label'], ip.train_batch(data, 6, 10, seed=0)['label'])
+
+
+# ---------------------------------------------------------------------------
+# eval_batches.
+
+
+@pytest.mark.parametrize('batch_size', [16, 103, 200])
+def test_eval_batches_cover_everything_once(batch_size):
+  images, labels = id_dataset(num_examples=103)
+  batches = list(ip.eval_batches(images, labels, batch_size))
+  assert len(batches) == ip.num_eval_batches(103, batch_size)
+  for batch in batches:
+    assert batch['image'].shape == (batch_size, 6, 6, 1)
+    assert batch['mask'].dtype == np.float32
+  mask = np.concatenate([batch['mask'] for batch in batches])
+  real = np.concatenate([batch['label'] for batch in batches])[mask == 1]
+  assert mask.sum() == 103
+  np.testing.assert_array_equal(real, labels)
+  last = batches[-1]
+  num_pad = batch_size - (103 - (len(batches) - 1) * batch_size)
+  if num_pad:
+    assert not last['image'][-num_pad:].any()
+    assert not last['mask'][-num_pad:].any()
+
+
+def test_eval_process_slices_make_up_the_batches():
+  images, labels = id_dataset(num_examples=103)
+  whole = list(ip.eval_batches(images, labels, 16))
+  hosts = [list(ip.eval_batches(images, labels, 16, p, 2)) for p in range(2)]
+  assert len(hosts[0]) == len(hosts[1]) == len(whole)
+  for index, batch in enumerate(whole):
+    for key in ('image', 'label', 'mask'):
+      np.testing.assert_array_equal(
+          np.concatenate([host[index][key] for host in hosts]), batch[key])
+
+
+# ---------------------------------------------------------------------------
+# prefetch.
+
+
+def test_prefetch_yields_everything_in_order():
+  assert list(ip.prefetch(iter(range(50)), size=3)) == list(range(50))
+
+
+def test_prefetch_reraises_errors():
+  def broken():
+    yield 1
+    raise RuntimeError('boom')
+  iterator = ip.prefetch(broken())
+  assert next(iterator) == 1
+  with pytest.raises(RuntimeError, match='boom'):
+    next(iterator)
+
+
+def test_prefetch_runs_ahead_and_stops_when_closed():
+  produced = []
+
+  def counting():
+    for item in range(1000):
+      produced.append(item)
+      yield item
+
+  threads_before = threading.active_count()
+  iterator = ip.prefetch(counting(), size=2)
+  deadline = time.monotonic() + 5
+  while len(produced) < 3 and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert 2 <= len(produced) <= 4  # Ahead by the queue size, no further.
+  assert next(iterator) == 0
+  iterator.close()
+  deadline = time.monotonic() + 5
+  while threading.active_count() > threads_before and (
+      time.monotonic() < deadline):
+    time.sleep(0.01)
+  assert threading.active_count() == threads_before
+  assert len(produced) < 10
+
+
+def test_prefetch_thread_stops_when_dropped():
+  threads_before = threading.active_count()
+  iterator = ip.prefetch(iter(range(1000)), size=2)
+  assert next(iterator) == 0
+  del iterator
+  deadline = time.monotonic() + 5
+  while threading.active_count() > threads_before and (
+      time.monotonic() < deadline):
+    time.sleep(0.01)
+  assert threading.active_count() == threads_before

@@ -1,0 +1,1 @@
+"""Training entry point, configs and data pipeline of capsjax."""

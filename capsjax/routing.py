@@ -85,6 +85,9 @@ def _route_one_example(
       jax.lax.stop_gradient(u_hat) if stop_gradient_intermediate else u_hat
   )
   logits = jnp.zeros((in_capsules, out_capsules), jnp.float32)  # 2: b <- 0
+  # Without the barrier XLA:CPU constant-folds the first softmax of this
+  # (batch, in, out) constant, which costs seconds of compile time.
+  logits = jax.lax.optimization_barrier(logits)
 
   def iteration(_, logits):  # 3: repeat r - 1 times ...
     new_logits, _, _ = _agreement_update(logits, routed_u_hat)

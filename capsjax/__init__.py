@@ -7,6 +7,7 @@ layers).
 
 from capsjax import convolution
 from capsjax import losses
+from capsjax import metrics
 from capsjax import routing
 from capsjax.layers import CapsuleLayer
 from capsjax.layers import Conv2D
@@ -35,6 +36,7 @@ __all__ = [
     'dynamic_routing',
     'losses',
     'mask_capsules',
+    'metrics',
     'prediction_vectors',
     'routing',
     'safe_norm',

@@ -35,10 +35,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import capsjax
 from capsjax import losses
+from train import experiments
 from train import input_pipeline
 from train.datasets import DataError
 
-DATASETS = ('mnist', 'fashion_mnist')
+DATASETS = ('mnist', 'fashion_mnist') + experiments.DATASETS
 PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 NUM_CLASSES = 10
 Metrics = dict[str, float]
@@ -62,6 +63,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
           f'config.{field}={config_value(config, field)!r}: {message}')
 
   require(config.dataset in DATASETS, 'dataset', f'must be one of {DATASETS}')
+  for field, message in experiments.config_problems(config):
+    require(False, field, message)
   require(not config.data_dir or Path(config.data_dir).expanduser().is_dir(),
           'data_dir', 'no such directory')
   require(config.model.routing_iterations >= 1, 'model.routing_iterations',
@@ -89,8 +92,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   require(config.keep_checkpoints >= 1, 'keep_checkpoints', 'must be >= 1')
   require(config.log_every_steps >= 1, 'log_every_steps', 'must be >= 1')
   require(config.seed >= 0, 'seed', 'must be >= 0')
-  require(config.distributed in (True, False, 'auto'), 'distributed',
-          "must be True, False or 'auto'")
+  distributed_mode(config)
   num_train = (config.num_train_examples if config.num_train_examples > 0
                else 60000 - config.validation_size)
   require(config.batch_size <= num_train, 'batch_size',
@@ -109,6 +111,8 @@ def config_value(config: ml_collections.ConfigDict, dotted_field: str) -> Any:
 
 
 def create_model(config: ml_collections.ConfigDict) -> capsjax.CapsNet:
+  if experiments.is_baseline(config):  # config.model.name
+    return experiments.create_baseline(config, PRECISIONS[config.precision])
   model_config = config.model
   return capsjax.CapsNet(
       num_classes=NUM_CLASSES,
@@ -176,15 +180,23 @@ def per_example_losses(output: capsjax.CapsNetOutput, images: jax.Array,
   }
 
 
+def batch_losses(output, batch: dict[str, jax.Array],
+                 config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """`per_example_losses`, or the baselines' and MultiMNIST's."""
+  if experiments.has_own_losses(config):
+    return experiments.per_example_losses(output, batch, config)
+  return per_example_losses(output, batch['image'], batch['label'], config)
+
+
 def train_step(state: train_state.TrainState, batch: dict[str, jax.Array],
                config: ml_collections.ConfigDict):
   """One Adam step on the mean loss of a (global) batch."""
 
   def loss_fn(params):
     # In training the decoder reconstructs from the label's capsule.
-    output = state.apply_fn({'params': params}, batch['image'], batch['label'])
-    per_example = per_example_losses(output, batch['image'], batch['label'],
-                                     config)
+    output = experiments.apply_model(state.apply_fn, params, batch, config,
+                                     train=True, step=state.step)
+    per_example = batch_losses(output, batch, config)
     means = {name: jnp.mean(value) for name, value in per_example.items()}
     return means['loss'], means
 
@@ -196,9 +208,9 @@ def eval_step(params, batch: dict[str, jax.Array], apply_fn,
               config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
   """Sums of the per-example metrics over the real (mask = 1) rows."""
   # Without labels the decoder reconstructs from the longest capsule.
-  output = apply_fn({'params': params}, batch['image'])
-  per_example = per_example_losses(output, batch['image'], batch['label'],
-                                   config)
+  output = experiments.apply_model(apply_fn, params, batch, config,
+                                   train=False)
+  per_example = batch_losses(output, batch, config)
   sums = {name: jnp.sum(value * batch['mask'])
           for name, value in per_example.items()}
   sums['count'] = jnp.sum(batch['mask'])
@@ -209,12 +221,28 @@ def eval_step(params, batch: dict[str, jax.Array], apply_fn,
 # Devices and hosts.
 
 
+def distributed_mode(config: ml_collections.ConfigDict) -> bool | str:
+  """config.distributed as True, False or 'auto'.
+
+  The field is a string (its default is 'auto'), so the command line gives
+  'True' or 'False'; any case is accepted.
+  """
+  value = config.distributed
+  if isinstance(value, str):
+    value = {'true': True, 'false': False, 'auto': 'auto'}.get(value.lower())
+  if value not in (True, False, 'auto'):
+    raise ConfigError(f'config.distributed={config.distributed!r}: must be '
+                      "True, False or 'auto'")
+  return value
+
+
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   """`jax.distributed.initialize` when asked to, before devices are used."""
-  if config.distributed is False:
+  mode = distributed_mode(config)
+  if mode is False:
     return
   explicit = bool(config.coordinator_address)
-  if config.distributed == 'auto' and not explicit and not any(
+  if mode == 'auto' and not explicit and not any(
       variable in os.environ for variable in (
           'SLURM_JOB_ID', 'JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES',
           'OMPI_COMM_WORLD_SIZE')):
@@ -223,10 +251,23 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     return
   kwargs = {}
   if explicit:
+    if config.num_processes < 1:
+      raise ConfigError(f'config.num_processes={config.num_processes}: must '
+                        'be >= 1 with a coordinator_address')
+    if not 0 <= config.process_id < config.num_processes:
+      raise ConfigError(f'config.process_id={config.process_id}: must be in '
+                        f'[0, {config.num_processes}) with a '
+                        'coordinator_address')
     kwargs = dict(coordinator_address=config.coordinator_address,
                   num_processes=config.num_processes,
                   process_id=config.process_id)
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as error:  # E.g. no coordinator given or detected.
+    raise ConfigError(
+        f'config.distributed={config.distributed!r}: {error} (off a managed '
+        'cluster, set coordinator_address, num_processes and process_id)'
+    ) from error
 
 
 class DataParallel:
@@ -270,15 +311,18 @@ class Checkpoints:
 
   def _open(self) -> ocp.CheckpointManager:
     policies = ocp.checkpoint_managers
+    metric = lambda metrics: metrics['validation_accuracy']  # pylint: disable=unnecessary-lambda-assignment
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy([
             policies.LatestN(n=self._keep),
-            policies.BestN(
-                get_metric_fn=lambda metrics: metrics['validation_accuracy'],
-                n=1,
-                keep_checkpoints_without_metrics=False,
-            ),
+            policies.BestN(get_metric_fn=metric, n=1,
+                           keep_checkpoints_without_metrics=False),
         ]),
+        # Only with best_fn set does orbax write the metrics to disk; without
+        # them, after a restart BestN sees none and deletes the best
+        # checkpoint at the next save.
+        best_fn=metric,
+        best_mode='max',
         enable_async_checkpointing=True,
     )
     return ocp.CheckpointManager(self.directory, options=options)
@@ -318,7 +362,7 @@ class Checkpoints:
 
   def _set_aside(self, step: int, error: Exception) -> None:
     message = (f'checkpoint {self.directory / str(step)} is unreadable '
-               f'({type(error).__name__}: {str(error)[:300]}); using the '
+               f'({type(error).__name__}: {_one_line(error)}); using the '
                'previous one')
     logging.error('%s', message)
     print(f'warning: {message}', flush=True)
@@ -341,6 +385,12 @@ class Checkpoints:
 
 # ---------------------------------------------------------------------------
 # Logging.
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+  """An exception's message on one line (TensorStore's span many)."""
+  text = ' '.join(str(error).split())
+  return text if len(text) <= limit else text[:limit] + '...'
 
 
 class MetricsLog:
@@ -432,7 +482,7 @@ def evaluate(eval_fn, params, images: np.ndarray, labels: np.ndarray,
              parallel: DataParallel) -> Metrics:
   """Mean metrics over every example (the last partial batch included)."""
   totals: dict[str, float] = {}
-  for batch in input_pipeline.eval_batches(
+  for batch in experiments.eval_batches(
       images, labels, config.eval_batch_size, jax.process_index(),
       jax.process_count()):
     sums = jax.device_get(eval_fn(params, parallel.global_batch(batch)))
@@ -489,10 +539,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   validate_config(config, jax.device_count(), jax.process_count())
   workdir_path = Path(workdir).expanduser().absolute()
   workdir_path.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    experiments.save_config(config, workdir_path)  # read by robustness.py
 
   # Data: process 0 prepares the tfds files once, the others then read them.
   tfds_data_dir = os.path.expanduser(config.tfds_data_dir)
-  load = functools.partial(input_pipeline.load_splits, config.dataset,
+  load = functools.partial(input_pipeline.load_splits,
+                           experiments.source_dataset(config),
                            config.data_dir, tfds_data_dir,
                            config.validation_size)
   try:
@@ -502,20 +555,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if jax.process_index() != 0:
       splits = load()
   except DataError as error:
-    raise ConfigError(f'config.dataset={config.dataset!r}: {error}') from error
+    field = 'data_dir' if config.data_dir else 'dataset'
+    raise ConfigError(
+        f'config.{field}={config[field]!r}: {error}') from error
   train_data = _limit(splits.train_images, splits.train_labels,
                       config.num_train_examples)
   validation = _limit(splits.validation_images, splits.validation_labels,
                       config.num_eval_examples)
   test = _limit(splits.test_images, splits.test_labels,
                 config.num_eval_examples)
+  # MultiMNIST pairs, affNIST canvases (unchanged for MNIST).
+  train_data, validation, test = experiments.prepare_data(
+      config, train_data, validation, test)
   steps_per_epoch = input_pipeline.steps_per_epoch(len(train_data[1]),
                                                    config.batch_size)
   total_steps = steps_per_epoch * config.num_epochs
   if config.max_steps > 0:
     total_steps = (config.max_steps if config.num_epochs < 1 else
                    min(total_steps, config.max_steps))
-  image_shape = train_data[0].shape[1:]
+  image_shape = experiments.image_shape(config, train_data)
 
   parallel = DataParallel()
   state = jax.jit(functools.partial(create_train_state, config, image_shape),
@@ -540,9 +598,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   progress = Progress(first_step, total_steps)
   history: list[dict[str, jax.Array]] = []
   batches = input_pipeline.prefetch(
-      input_pipeline.train_batches(
-          train_data, config.batch_size, config.seed, start_step=first_step,
-          num_steps=max(total_steps - first_step, 0),
+      experiments.train_batches(
+          config, train_data, config.batch_size, config.seed,
+          start_step=first_step, num_steps=max(total_steps - first_step, 0),
           process_index=jax.process_index(),
           process_count=jax.process_count(), max_shift=config.max_shift))
   epoch_start = time.monotonic()

@@ -11,7 +11,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Data.
-  config.dataset = 'mnist'  # 'mnist' or 'fashion_mnist'
+  # 'mnist' or 'fashion_mnist'; 'multimnist' and 'affnist' have their own
+  # configs (train/configs/multimnist.py, affnist.py).
+  config.dataset = 'mnist'
   # Folder of the four original IDX files. '' means ../shared/data/<dataset>
   # beside the repository if present, else download (tfds, checksummed).
   config.data_dir = ''
@@ -24,8 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_examples = -1
   config.num_eval_examples = -1
 
-  # Model (capsjax.CapsNet).
+  # Model: 'capsnet' (capsjax.CapsNet, the fields below), or a baseline of
+  # train/baselines.py: 'baseline_cnn', 'lenet5' (see their configs).
   config.model = ml_collections.ConfigDict()
+  config.model.name = 'capsnet'
   config.model.routing_iterations = 3
   config.model.stop_gradient_intermediate = False  # paper and official: False
   config.model.conv_features = 256

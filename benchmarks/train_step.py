@@ -1,0 +1,459 @@
+"""Speed of the full CapsNet training step, per precision, against PyTorch.
+
+Times `train.train.train_step` (the paper's CapsNet with decoder, margin +
+reconstruction loss, Adam) as `train_and_evaluate` runs it (jitted, state
+donated), for each `--precision` (config.precision: float32, bfloat16),
+at `--batch-size` (128): the median of `--steps` timed steps after
+`--warmup` untimed ones, images/s, compile time and peak memory.
+
+Fraction of the matmul peak: the step's FLOPs (from XLA's
+`cost_analysis()['flops']` of the compiled step when available, else the
+analytic count in benchmarks/common.py; the JSON says which, and records the
+analytic count too) over its median time, divided by the FLOP rate of a plain
+square `jnp.dot` of the same FLOP count and dtype timed in the same run
+(bfloat16: bfloat16 inputs, float32 accumulation and output, as the model's
+convolutions). Note that XLA counts a loop body once, so cost_analysis leaves
+out routing iterations after the first (a negligible share of the FLOPs).
+
+`--torch` then runs benchmarks/torch_reference.py (with `--torch-python`,
+default /work/venv-torch/bin/python) with the same batch size, steps, warm-up
+and thread count, and prints the speed ratio per precision.
+
+`--breakdown` times the parts of the step, each jitted and timed on its own
+(so XLA cannot fuse across them or overlap them; their sum is not the step
+time): conv1, PrimaryCaps, prediction vectors, routing, decoder and losses
+(forward, and forward + backward of a fixed random projection of their
+output), the Adam update, and the host input pipeline
+(`train.input_pipeline.train_batch` on arrays the size of MNIST's training
+split).
+
+`--profile DIR` writes a jax.profiler trace of a few steps per precision
+(open with TensorBoard's profile plugin or Perfetto).
+
+Examples:
+
+    python benchmarks/train_step.py --out train_step.json
+    python benchmarks/train_step.py --torch --out train_step.json
+    python benchmarks/train_step.py --precision float32 --breakdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+if __package__ in (None, ''):  # Run as a script: make `benchmarks` importable.
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import capsjax  # pylint: disable=g-import-not-at-top
+from benchmarks import common  # pylint: disable=g-import-not-at-top
+from capsjax import routing  # pylint: disable=g-import-not-at-top
+from train import input_pipeline  # pylint: disable=g-import-not-at-top
+from train import train as train_lib  # pylint: disable=g-import-not-at-top
+
+TORCH_SCRIPT = Path(__file__).resolve().parent / 'torch_reference.py'
+DEFAULT_TORCH_PYTHON = '/work/venv-torch/bin/python'
+MNIST_TRAIN_EXAMPLES = 55000  # 60,000 minus the 5,000 validation examples
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n', 1)[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=__doc__.split('\n', 2)[2])
+  parser.add_argument('--precision', default='float32,bfloat16',
+                      help='config.precision values, comma-separated')
+  parser.add_argument('--batch-size', type=int, default=128)
+  parser.add_argument('--steps', type=int, default=10,
+                      help='timed steps (and timed matmuls) per precision')
+  parser.add_argument('--warmup', type=int, default=2,
+                      help='untimed steps after compilation')
+  parser.add_argument('--routing-iterations', type=int, default=3)
+  parser.add_argument('--stop-gradient', action='store_true',
+                      help='stop_gradient_intermediate=True')
+  parser.add_argument('--small', action='store_true',
+                      help='a tiny CapsNet (smoke tests; not comparable '
+                      'with --torch)')
+  parser.add_argument('--torch', action='store_true',
+                      help='also run benchmarks/torch_reference.py')
+  parser.add_argument('--torch-python', default=DEFAULT_TORCH_PYTHON,
+                      help='the Python with torch installed')
+  parser.add_argument('--threads', type=int, default=os.cpu_count() or 1,
+                      help="PyTorch's thread count (JAX uses every core)")
+  parser.add_argument('--breakdown', action='store_true',
+                      help='also time the parts of the step separately')
+  parser.add_argument('--profile', metavar='DIR',
+                      help='write a jax.profiler trace here')
+  parser.add_argument('--profile-steps', type=int, default=3)
+  parser.add_argument('--out', help='write the results as JSON here')
+  args = parser.parse_args(argv)
+  args.precision = [p.strip() for p in args.precision.split(',') if p.strip()]
+  unknown = [p for p in args.precision if p not in train_lib.PRECISIONS]
+  if unknown or not args.precision:
+    parser.error(f'--precision must be from {tuple(train_lib.PRECISIONS)}')
+  if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+    parser.error('--steps and --batch-size must be >= 1, --warmup >= 0')
+  if args.routing_iterations < 1:
+    parser.error('--routing-iterations must be >= 1')
+  if args.torch and args.small:
+    parser.error('--torch times the paper-size model only: drop --small')
+  if args.torch and (args.routing_iterations != 3 or args.stop_gradient):
+    parser.error('--torch times 3 routing iterations with the full gradient')
+  return args
+
+
+# ---------------------------------------------------------------------------
+# The step and the matmul peak.
+
+
+def matmul_peak(flops: float, precision: str, repeats: int,
+                warmup: int) -> dict[str, Any]:
+  """Times a square jnp.dot with (about) `flops` FLOPs in `precision`."""
+  size = max(1, round((flops / 2) ** (1 / 3)))
+  dtype = train_lib.PRECISIONS[precision]
+  a = common.random_normal((size, size), seed=0, dtype=dtype)
+  b = common.random_normal((size, size), seed=1, dtype=dtype)
+  result = common.benchmark(
+      functools.partial(jnp.dot, preferred_element_type=jnp.float32), (a, b),
+      repeats=repeats, warmup=max(warmup, 1))
+  result.update(size=size, dtype=precision, flops=2.0 * size**3)
+  result['flops_per_s'] = result['flops'] / result['median_s']
+  return result
+
+
+def time_step(config, base_state, batch, args) -> dict[str, Any]:
+  step = common.benchmark_train_step(
+      config, common.state_for(base_state, config), batch,
+      repeats=args.steps, warmup=args.warmup)
+  analytic = common.capsnet_step_flops(config, args.batch_size)
+  flops, source = ((step['flops'], 'cost_analysis') if step['flops']
+                   else (analytic, 'analytic'))
+  matmul = matmul_peak(flops, config.precision, args.steps, args.warmup)
+  achieved = flops / step['median_s']
+  return {
+      'median_step_s': step['median_s'],
+      'min_step_s': step['min_s'],
+      'max_step_s': step['max_s'],
+      'iqr_step_s': step['iqr_s'],
+      'mean_step_s': step['mean_s'],
+      'step_times_s': step['times_s'],
+      'images_per_s': step['images_per_s'],
+      'compile_s': step['compile_s'],
+      'memory': step['memory'],
+      'flops_per_step': flops,
+      'flops_source': source,
+      'flops_analytic': analytic,
+      'flops_per_s': achieved,
+      'matmul': matmul,
+      'fraction_of_matmul_peak': achieved / matmul['flops_per_s'],
+  }
+
+
+def profile(directory: str, configs, base_state, batch, steps: int) -> None:
+  """A jax.profiler trace of `steps` steps per precision (after warm-up)."""
+  compiled = {}
+  for precision, config in configs.items():
+    step = jax.jit(functools.partial(train_lib.train_step, config=config),
+                   donate_argnums=0)
+    state = common.state_for(base_state, config)
+    state, metrics = step(state, batch)  # compile and warm up
+    jax.block_until_ready(metrics)
+    compiled[precision] = (step, state)
+  with jax.profiler.trace(directory):
+    for precision, (step, state) in compiled.items():
+      for index in range(steps):
+        with jax.profiler.TraceAnnotation(f'{precision} step {index}'):
+          state, metrics = step(state, batch)
+          jax.block_until_ready(metrics)
+  print(f'wrote a profiler trace to {directory}')
+
+
+# ---------------------------------------------------------------------------
+# Breakdown.
+
+
+def breakdown(config, base_state, batch, repeats: int, warmup: int
+              ) -> dict[str, Any]:
+  """Times each part of the step on its own; see the module docstring."""
+  model = common.create_model(config)
+  dtype = model.dtype
+  params = base_state.params
+  images, labels = batch['image'], batch['label']
+  conv1 = capsjax.Conv2D(model.conv_features, model.kernel_size, dtype=dtype)
+  primary = capsjax.PrimaryCapsules(
+      model.primary_capsule_types, model.primary_capsule_dim,
+      model.kernel_size, stride=2, output_scale=model.primary_capsule_scale,
+      dtype=dtype)
+  decoder = capsjax.MaskedDecoder(images.shape[1:],
+                                  tuple(model.decoder_hidden_sizes),
+                                  dtype=dtype)
+
+  def conv1_fn(conv1_params, images):
+    return jax.nn.relu(conv1.apply({'params': conv1_params}, images))
+
+  def primary_fn(primary_params, features):
+    return primary.apply({'params': primary_params}, features)
+
+  def prediction_fn(weights, capsules):
+    return routing.prediction_vectors(capsules.astype(dtype),
+                                      weights.astype(dtype))
+
+  def routing_fn(u_hat):
+    return routing.dynamic_routing(
+        u_hat, model.routing_iterations,
+        stop_gradient_intermediate=model.stop_gradient_intermediate)
+
+  def decoder_fn(decoder_params, capsules):
+    return decoder.apply({'params': decoder_params}, capsules, labels)
+
+  def losses_fn(capsules, reconstructions):
+    output = capsjax.CapsNetOutput(capsules, capsjax.capsule_lengths(capsules),
+                                   reconstructions)
+    return jnp.mean(train_lib.per_example_losses(output, images, labels,
+                                                 config)['loss'])
+
+  kwargs = dict(repeats=repeats, warmup=warmup)
+  results: dict[str, Any] = {}
+  cotangent_seeds = iter(range(100, 200))
+
+  def time_part(name, fn, fn_args, argnums):
+    """Times fn's forward, and forward + backward of a fixed random
+    projection of its output w.r.t. `argnums`; returns the output."""
+    print(f'  {name}...', flush=True)
+    forward, output = common.benchmark(fn, fn_args, return_outputs=True,
+                                       **kwargs)
+    scalar_fn = fn
+    if output.ndim:
+      cotangent = common.random_normal(output.shape, next(cotangent_seeds))
+      scalar_fn = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cotangent)
+    results[name] = {
+        'forward': forward,
+        'forward_backward': common.benchmark(
+            jax.value_and_grad(scalar_fn, argnums=argnums), fn_args,
+            **kwargs),
+    }
+    return output
+
+  # Each part runs on the previous part's output, as in the model. conv1's
+  # input (the images) needs no gradient in training; every other part's
+  # input does.
+  features = time_part('conv1 (+ReLU)', conv1_fn,
+                       (params['conv1'], images), (0,))
+  capsules = time_part('PrimaryCaps conv (+squash)', primary_fn,
+                       (params['primary_capsules'], features), (0, 1))
+  u_hat = time_part('prediction vectors', prediction_fn,
+                    (params['class_capsules']['weights'], capsules), (0, 1))
+  digit_capsules = time_part(f'routing (r={model.routing_iterations})',
+                             routing_fn, (u_hat,), (0,))
+  reconstructions = time_part('decoder', decoder_fn,
+                              (params['decoder'], digit_capsules), (0, 1))
+  time_part('losses', losses_fn, (digit_capsules, reconstructions), (0, 1))
+
+  # The parts chained must give the model's output.
+  full = jax.jit(model.apply)({'params': params}, images, labels)
+  difference = float(jnp.max(jnp.abs(
+      full.lengths - capsjax.capsule_lengths(digit_capsules))))
+  tolerance = 1e-4 if config.precision == 'float32' else 2e-2
+  if not difference <= tolerance:
+    raise AssertionError(f'the parts chained differ from the model: max '
+                         f'|length difference| = {difference}')
+
+  print('  optimizer update...', flush=True)
+  gradients = jax.tree.map(
+      lambda p: jnp.asarray(np.full(p.shape, 1e-3, p.dtype)), params)
+  results['optimizer update (Adam)'] = {
+      'forward': None,
+      'forward_backward': common.benchmark(
+          lambda state, grads: state.apply_gradients(grads=grads),
+          (common.state_for(base_state, config), gradients),
+          donate_argnums=(0,),
+          next_args=lambda args, state: (state, args[1]), **kwargs),
+  }
+
+  print('  input pipeline...', flush=True)
+  rng = np.random.default_rng(0)
+  examples = max(MNIST_TRAIN_EXAMPLES, images.shape[0])
+  data = (rng.random((examples, *images.shape[1:]), dtype=np.float32),
+          rng.integers(0, 10, examples, dtype=np.int32))
+  results['input pipeline (host, train_batch)'] = {
+      'forward': common.benchmark_host(
+          lambda step: input_pipeline.train_batch(data, step,
+                                                  images.shape[0], seed=0),
+          repeats, warmup),
+      'forward_backward': None,
+  }
+  return {'parts': results, 'chained_parts_max_length_difference': difference,
+          'note': 'each part jitted and timed in isolation; the sum is not '
+                  'the step time (no fusion or overlap across parts)'}
+
+
+def print_breakdown(precision: str, result: dict[str, Any],
+                    step_s: float) -> None:
+  parts = result['parts']
+
+  def cost(part):  # What a training step spends on the part.
+    timing = part['forward_backward'] or part['forward']
+    return timing['median_s']
+
+  total = sum(cost(part) for part in parts.values())
+  rows = [[name,
+           common.ms(part['forward'] and part['forward']['median_s']),
+           common.ms(part['forward_backward']
+                     and part['forward_backward']['median_s']),
+           f'{100 * cost(part) / total:.1f}%']
+          for name, part in parts.items()]
+  rows.append(['sum of parts (fwd+bwd, update, input)', '', common.ms(total),
+               '100.0%'])
+  rows.append(['full training step (one jit)', '', common.ms(step_s),
+               f'{100 * step_s / total:.1f}%'])
+  print(f'\nbreakdown, {precision} (median ms; each part jitted and timed '
+        'alone):')
+  print(common.format_table(['part', 'forward', 'fwd+bwd', 'share'], rows))
+
+
+# ---------------------------------------------------------------------------
+# PyTorch.
+
+
+def run_torch(args, precisions: list[str]) -> dict[str, Any]:
+  which = ('both' if set(precisions) == {'float32', 'bfloat16'}
+           else precisions[0])
+  with tempfile.TemporaryDirectory(prefix='capsjax_torch_') as directory:
+    out = Path(directory) / 'torch.json'
+    command = [args.torch_python, str(TORCH_SCRIPT),
+               '--batch-size', str(args.batch_size), '--steps',
+               str(args.steps), '--warmup', str(args.warmup), '--precision',
+               which, '--threads', str(args.threads), '--out', str(out)]
+    print('running ' + ' '.join(command), flush=True)
+    try:
+      process = subprocess.run(command, capture_output=True, text=True,
+                               check=False)
+    except OSError as error:
+      raise SystemExit(f'cannot run {args.torch_python}: {error}') from error
+    if process.returncode != 0:
+      raise SystemExit(f'the PyTorch reference failed (exit '
+                       f'{process.returncode}):\n{process.stdout[-2000:]}\n'
+                       f'{process.stderr[-4000:]}')
+    summary = process.stdout[process.stdout.find('summary'):]
+    print('PyTorch ' + summary.strip())
+    report = json.loads(out.read_text())
+  report['command'] = command
+  return report
+
+
+def speed_ratios(results: dict[str, Any], torch_report: dict[str, Any]
+                 ) -> dict[str, Any]:
+  ratios = {}
+  for precision, result in results.items():
+    torch_result = torch_report['results'].get(precision)
+    if torch_result:
+      ratios[precision] = {
+          'jax_median_step_s': result['median_step_s'],
+          'torch_median_step_s': torch_result['median_step_s'],
+          'jax_speedup': (torch_result['median_step_s']
+                          / result['median_step_s']),
+      }
+  return ratios
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  machine = common.machine_info()
+  print(f'machine: {common.describe_machine(machine)}', flush=True)
+  configs = {
+      precision: common.make_config(
+          batch_size=args.batch_size, precision=precision,
+          routing_iterations=args.routing_iterations,
+          stop_gradient_intermediate=args.stop_gradient, small=args.small)
+      for precision in args.precision}
+  base_state = common.create_state(common.make_config(small=args.small))
+  batch = common.random_batch(args.batch_size)
+
+  results = {}
+  for precision, config in configs.items():
+    print(f'{precision}: training step...', flush=True)
+    results[precision] = time_step(config, base_state, batch, args)
+
+  breakdowns = None
+  if args.breakdown:
+    breakdowns = {}
+    for precision, config in configs.items():
+      print(f'{precision}: breakdown...', flush=True)
+      breakdowns[precision] = breakdown(config, base_state, batch, args.steps,
+                                        args.warmup)
+  if args.profile:
+    profile(args.profile, configs, base_state, batch, args.profile_steps)
+  torch_report = ratios = None
+  if args.torch:
+    torch_report = run_torch(args, args.precision)
+    ratios = speed_ratios(results, torch_report)
+  machine['loadavg_end'] = list(os.getloadavg())
+
+  print(f'\ntraining step, batch {args.batch_size}, r='
+        f'{args.routing_iterations}{", small model" if args.small else ""}: '
+        f'median of {args.steps} steps after {args.warmup} warm-up')
+  rows = []
+  for precision, result in results.items():
+    rows.append([
+        precision, f"{result['median_step_s']:.4f}",
+        f"{result['iqr_step_s']:.4f}", f"{result['min_step_s']:.4f}",
+        f"{result['max_step_s']:.4f}", f"{result['images_per_s']:.1f}",
+        f"{result['compile_s']:.1f}", common.megabytes(result['memory']),
+        f"{result['flops_per_step'] / 1e9:.2f} ({result['flops_source']})",
+        f"{result['flops_per_s'] / 1e9:.1f}",
+        f"{result['matmul']['flops_per_s'] / 1e9:.1f}",
+        f"{100 * result['fraction_of_matmul_peak']:.1f}%"])
+  print(common.format_table(
+      ['precision', 'median s', 'IQR s', 'min s', 'max s', 'img/s',
+       'compile s', 'peak MB', 'GFLOP/step', 'GFLOP/s', 'matmul GFLOP/s',
+       'of matmul peak'], rows))
+  if breakdowns:
+    for precision, result in breakdowns.items():
+      print_breakdown(precision, result, results[precision]['median_step_s'])
+  if ratios:
+    print('\nJAX vs PyTorch (median step time):')
+    for precision, ratio in ratios.items():
+      speedup = ratio['jax_speedup']
+      verdict = (f'JAX is {speedup:.2f}x faster' if speedup >= 1 else
+                 f'JAX is {1 / speedup:.2f}x slower')
+      print(f"  {precision}: JAX {ratio['jax_median_step_s']:.3f} s, "
+            f"PyTorch {ratio['torch_median_step_s']:.3f} s: {verdict}")
+
+  report = {
+      'benchmark': 'train_step',
+      'settings': {
+          'batch_size': args.batch_size, 'steps': args.steps,
+          'warmup': args.warmup, 'precisions': args.precision,
+          'routing_iterations': args.routing_iterations,
+          'stop_gradient_intermediate': args.stop_gradient,
+          'small': args.small, 'torch_threads': args.threads,
+          'matmul': 'square jnp.dot, same FLOPs and input dtype, float32 '
+                    'accumulation and output',
+      },
+      'results': results,
+      'torch': torch_report,
+      'speed_ratios': ratios,
+      'breakdown': breakdowns,
+      'machine': machine,
+  }
+  if args.out:
+    common.write_json(args.out, report)
+  return report
+
+
+if __name__ == '__main__':
+  main()

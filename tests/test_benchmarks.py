@@ -1,0 +1,220 @@
+"""Smoke tests of benchmarks/routing_iterations.py and benchmarks/train_step.py.
+
+Each script runs in this process at its smallest setting (batch 2, tiny
+shapes, `--small` model, one repeat) and its JSON is checked for the
+documented keys with positive numbers. Compilation dominates: the tests
+compile as few training steps as they can (the base train state is made once
+per process by benchmarks.common.create_state).
+"""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from benchmarks import common
+from benchmarks import routing_iterations
+from benchmarks import train_step
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TIMING_KEYS = ('median_s', 'min_s', 'max_s', 'mean_s', 'compile_s',
+               'images_per_s')
+MACHINE_KEYS = ('cpu_model', 'cpu_count', 'cpus_usable', 'jax', 'jaxlib',
+                'loadavg', 'backend')
+
+
+def positive(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and value > 0)
+
+
+def check_timed(result: dict, what: str) -> None:
+  for key in TIMING_KEYS:
+    assert positive(result[key]), (what, key, result[key])
+  assert result['iqr_s'] >= 0, what
+  assert result['min_s'] <= result['median_s'] <= result['max_s'], what
+  assert result['repeats'] == len(result['times_s']) >= 1, what
+  check_memory(result['memory'], what)
+
+
+def check_memory(memory: dict, what: str) -> None:
+  for key in ('peak_bytes', 'argument_bytes', 'output_bytes', 'temp_bytes'):
+    assert positive(memory[key]), (what, key, memory)
+  assert memory['peak_bytes'] == (memory['argument_bytes']
+                                  + memory['output_bytes']
+                                  - memory['alias_bytes']
+                                  + memory['temp_bytes'])
+
+
+def check_machine(machine: dict) -> None:
+  for key in MACHINE_KEYS:
+    assert machine[key], key
+
+
+def check_png(path: Path) -> None:
+  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert path.stat().st_size > 5000
+
+
+ROUTING_TINY = ['--shape', '2,8,3,4,4', '--batch-size', '2', '--small',
+                '--repeats', '1', '--warmup', '0']
+
+
+def test_routing_iterations_routing_alone(tmp_path, capsys):
+  out, png = tmp_path / 'routing.json', tmp_path / 'routing.png'
+  routing_iterations.main(ROUTING_TINY + [
+      '--iterations', '1,2', '--stop-gradient', 'false,true',
+      '--no-train-step', '--out', str(out), '--plot', str(png)])
+  report = json.loads(out.read_text())
+  assert report['benchmark'] == 'routing_iterations'
+  assert report['settings']['shape'] == [2, 8, 3, 4, 4]
+  rows = report['results']
+  assert [(row['iterations'], row['stop_gradient_intermediate'])
+          for row in rows] == [(1, False), (1, True), (2, False), (2, True)]
+  for row in rows:
+    for key in ('routing_forward', 'routing_forward_backward'):
+      check_timed(row[key], key)
+    assert row['train_step'] is None
+  finding = report['memory_finding']
+  assert set(finding['routing_forward_backward']) == {
+      'stop_gradient_intermediate=True', 'stop_gradient_intermediate=False'}
+  assert 'stop_gradient_intermediate=True' in finding['sentence']
+  check_machine(report['machine'])
+  check_png(png)
+  printed = capsys.readouterr().out
+  assert 'route fwd+bwd ms' in printed and finding['sentence'] in printed
+
+
+def test_routing_iterations_with_train_step(tmp_path):
+  out, png = tmp_path / 'routing.json', tmp_path / 'routing.png'
+  routing_iterations.main(ROUTING_TINY + [
+      '--iterations', '1', '--stop-gradient', 'true', '--out', str(out),
+      '--plot', str(png)])
+  (row,) = json.loads(out.read_text())['results']
+  check_timed(row['train_step'], 'train_step')
+  assert row['train_step']['memory']['alias_bytes'] > 0  # the donated state
+  check_png(png)
+
+
+def test_routing_iterations_memory_finding(tmp_path):
+  """Compile only (--repeats 0): the memory of the backward pass stays flat
+  with the stopped gradient, and grows without it."""
+  out = tmp_path / 'memory.json'
+  report = routing_iterations.main([
+      '--shape', '4,64,8,4,8', '--iterations', '3,4', '--stop-gradient',
+      'false,true', '--repeats', '0', '--no-train-step', '--out', str(out)])
+  for row in report['results']:
+    result = row['routing_forward_backward']
+    assert result['median_s'] is None and result['images_per_s'] is None
+    assert positive(result['compile_s'])
+    check_memory(result['memory'], 'compile only')
+  trends = json.loads(out.read_text())['memory_finding'][
+      'routing_forward_backward']
+  assert trends['stop_gradient_intermediate=True']['flat_from'] == 3
+  assert trends['stop_gradient_intermediate=False']['flat_from'] is None
+  assert trends['stop_gradient_intermediate=False'][
+      'growth_mb_per_iteration'] > 0
+
+
+def test_memory_trend():
+  flat = routing_iterations.memory_trend([(3, 206.4), (1, 11.9), (2, 112.7),
+                                          (4, 206.4), (5, 206.4)])
+  assert flat['iterations'] == [1, 2, 3, 4, 5]
+  assert flat['flat_from'] == 3 and flat['growth_mb_per_iteration'] == 0
+  growing = routing_iterations.memory_trend([(3, 422.3), (4, 435.6),
+                                             (5, 448.8)])
+  assert growing['flat_from'] is None
+  assert growing['growth_mb_per_iteration'] == pytest.approx(13.2)
+  single = routing_iterations.memory_trend([(3, 1.0)])
+  assert single['growth_mb_per_iteration'] is None
+
+
+def test_train_step(tmp_path, capsys):
+  out = tmp_path / 'train_step.json'
+  # float32's step is compiled by test_routing_iterations_with_train_step.
+  train_step.main(['--precision', 'bfloat16', '--small',
+                   '--batch-size', '2', '--steps', '1', '--warmup', '0',
+                   '--breakdown', '--out', str(out)])
+  report = json.loads(out.read_text())
+  assert set(report) >= {'results', 'torch', 'machine', 'settings',
+                         'breakdown'}
+  assert set(report['results']) == {'bfloat16'}
+  for precision, result in report['results'].items():
+    for key in ('median_step_s', 'min_step_s', 'max_step_s', 'images_per_s',
+                'compile_s', 'flops_per_step', 'flops_analytic',
+                'flops_per_s', 'fraction_of_matmul_peak'):
+      assert positive(result[key]), (precision, key)
+    assert result['flops_source'] in ('cost_analysis', 'analytic')
+    assert result['step_times_s'] and all(map(positive,
+                                              result['step_times_s']))
+    check_memory(result['memory'], precision)
+    matmul = result['matmul']
+    assert matmul['dtype'] == precision and positive(matmul['flops_per_s'])
+    parts = report['breakdown'][precision]['parts']
+    assert len(parts) == 8
+    for name, part in parts.items():
+      timings = [t for t in (part['forward'], part['forward_backward']) if t]
+      assert timings and all(positive(t['median_s']) for t in timings), name
+  assert report['torch'] is None and report['speed_ratios'] is None
+  check_machine(report['machine'])
+  printed = capsys.readouterr().out
+  assert 'of matmul peak' in printed and 'full training step' in printed
+
+
+def test_train_step_torch_is_run_with_the_same_settings(tmp_path, capsys):
+  """--torch's plumbing, with a stand-in for the PyTorch interpreter."""
+  fake_python = tmp_path / 'fake_python'
+  fake_python.write_text(textwrap.dedent(f'''\
+      #!{sys.executable}
+      import json, sys
+      script, *flags = sys.argv[1:]
+      options = dict(zip(flags[::2], flags[1::2]))
+      results = {{p: {{'median_step_s': 2.0, 'images_per_s': 1.0}}
+                 for p in ('float32', 'bfloat16')}}
+      json.dump({{'script': script, 'options': options, 'results': results}},
+                open(options['--out'], 'w'))
+      print('summary (fake)')
+      '''))
+  fake_python.chmod(0o755)
+  args = argparse.Namespace(torch_python=str(fake_python), batch_size=2,
+                            steps=3, warmup=1, threads=2)
+  report = train_step.run_torch(args, ['float32', 'bfloat16'])
+  assert report['script'] == str(train_step.TORCH_SCRIPT)
+  assert report['options'] == {
+      '--batch-size': '2', '--steps': '3', '--warmup': '1',
+      '--precision': 'both', '--threads': '2', '--out': report['options'][
+          '--out']}
+  ratios = train_step.speed_ratios(
+      {'float32': {'median_step_s': 1.0}, 'bfloat16': {'median_step_s': 4.0}},
+      report)
+  assert ratios['float32']['jax_speedup'] == 2.0
+  assert ratios['bfloat16']['jax_speedup'] == 0.5
+  assert 'summary (fake)' in capsys.readouterr().out
+
+
+def test_train_step_refuses_torch_with_the_small_model():
+  with pytest.raises(SystemExit):
+    train_step.parse_args(['--torch', '--small'])
+
+
+def test_analytic_flops_match_the_paper_model():
+  config = common.make_config(batch_size=1)
+  # Forward, per image: conv1 2 * 20*20 * 81 * 256 = 16.6 MFLOP, PrimaryCaps
+  # 2 * 6*6 * 81*256 * 256 = 382.2 MFLOP, u_hat 2.9, decoder 2.8, routing
+  # 1.8; backward twice that but conv1's input gradient: 1.20 GFLOP a step.
+  flops = common.capsnet_step_flops(config, 1)
+  assert flops == pytest.approx(1.2026e9, rel=1e-3)
+
+
+def test_scripts_run_from_the_command_line():
+  for script in ('routing_iterations.py', 'train_step.py'):
+    process = subprocess.run(
+        [sys.executable, str(REPO_ROOT / 'benchmarks' / script), '--help'],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert process.returncode == 0, process.stderr
+    assert '--out' in process.stdout

@@ -1,0 +1,427 @@
+"""MultiMNIST (paper, section 6): two overlapping digits of different classes.
+
+Each 28x28 digit is centred on a 36x36 canvas and shifted by up to 4 pixels
+in each direction (uniform integers in [-4, 4] for dy and dx, drawn per
+digit), which keeps the whole 28x28 box on the canvas. Two digits of
+different classes, from the same split, are overlaid with a pixel-wise max
+(`merge='max'`, the default) or a sum clipped to 1 (`merge='sum'`).
+
+Every pair is returned as a dict of numpy arrays:
+  image:  (N, 36, 36, 1) float32 in [0, 1], the overlay;
+  label:  (N, 2) int32, the first and the second digit's class (different);
+  digits: (N, 2, 36, 36, 1) float32, each digit alone on its canvas, the
+          target of the reconstruction of that digit's capsule.
+
+Training pairs are made on the fly, a pure function of (seed, step) as
+`input_pipeline.train_batch`: each epoch every training digit is the first
+digit of one pair (same epoch permutation as MNIST training), its partner is
+drawn uniformly among the training digits of another class, and the shifts
+are random, from an rng seeded by (seed, step). Resuming only needs the step.
+
+Evaluation pairs are a fixed `PairSet`: pair k has first digit k mod N (N
+digits in the split), and its partner and shifts come from an rng seeded by
+(seed, k // CHUNK_SIZE), so a set is generated lazily chunk by chunk and a
+smaller set is a prefix of a larger one. The paper's test set, 1K pairs per
+test digit (10M pairs, 52 GB of images), is
+`PairSet(test_images, test_labels, pairs_per_digit=1000)` and is only ever
+generated batch by batch.
+
+Overlap (`bounding_box_overlap`): the bounding box of a digit is the
+smallest axis-aligned box holding all its pixels above `threshold` (0: any
+ink). The overlap of a pair is area(box1 & box2) / area(smaller box)
+(`relative_to='smaller'`: 1 when one box lies inside the other), or
+area(box1 & box2) / area(box1 | box2) (`relative_to='union'`, IoU). The paper
+reports "an average of 80% overlap" without defining it; `mean_overlap`
+gives both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Sequence
+
+import numpy as np
+
+from train import input_pipeline
+
+CANVAS_SIZE = 36
+MAX_SHIFT = 4
+MERGE_MODES = ('max', 'sum')
+CHUNK_SIZE = 1000  # pairs per rng chunk of a PairSet; fixed for stability.
+
+Pairs = dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------
+# Building blocks.
+
+
+def to_canvas(images: np.ndarray, shifts: np.ndarray,
+              canvas_size: int = CANVAS_SIZE) -> np.ndarray:
+  """Centres each image on a zero canvas, then shifts it by shifts[i].
+
+  Args:
+    images: `(N, h, w, c)` with h, w <= canvas_size.
+    shifts: `(N, 2)` integer (dy, dx); positive moves down / right.
+    canvas_size: side of the square canvas.
+
+  Returns:
+    `(N, canvas_size, canvas_size, c)`. A shift up to (canvas_size - h) / 2
+    keeps the whole image on the canvas.
+  """
+  height, width = images.shape[1:3]
+  if height > canvas_size or width > canvas_size:
+    raise ValueError(f'{height}x{width} images do not fit a {canvas_size} '
+                     'canvas')
+  top, left = (canvas_size - height) // 2, (canvas_size - width) // 2
+  padded = np.pad(images, [(0, 0), (top, canvas_size - height - top),
+                           (left, canvas_size - width - left)] +
+                  [(0, 0)] * (images.ndim - 3))
+  return input_pipeline.shift_images(padded, np.asarray(shifts))
+
+
+def merge(first: np.ndarray, second: np.ndarray,
+          mode: str = 'max') -> np.ndarray:
+  """Overlays two images: pixel-wise max, or sum clipped to 1."""
+  if mode == 'max':
+    return np.maximum(first, second)
+  if mode == 'sum':
+    return np.minimum(first + second, np.float32(1))
+  raise ValueError(f'merge {mode!r} must be one of {MERGE_MODES}')
+
+
+def partner_indices(rng: np.random.Generator, labels: np.ndarray,
+                    first: np.ndarray) -> np.ndarray:
+  """For each first[i], a uniform index among examples of another class.
+
+  Rejection sampling: draw uniformly from all examples, redraw the ones of
+  the same class. Deterministic for a given rng state.
+  """
+  if len(np.unique(labels)) < 2:
+    raise ValueError('MultiMNIST needs digits of at least two classes')
+  second = rng.integers(0, len(labels), size=len(first))
+  while True:
+    same = labels[second] == labels[first]
+    count = int(same.sum())
+    if not count:
+      return second
+    second[same] = rng.integers(0, len(labels), size=count)
+
+
+def sample_shifts(rng: np.random.Generator, num_pairs: int,
+                  max_shift: int = MAX_SHIFT) -> np.ndarray:
+  """(num_pairs, 2, 2) shifts: (digit, dy/dx), uniform in [-max, max]."""
+  return rng.integers(-max_shift, max_shift + 1, size=(num_pairs, 2, 2))
+
+
+def make_pairs(images: np.ndarray, labels: np.ndarray, first: np.ndarray,
+               second: np.ndarray, shifts: np.ndarray, merge_mode: str = 'max',
+               canvas_size: int = CANVAS_SIZE) -> Pairs:
+  """The pairs (images[first[i]], images[second[i]]), shifted and overlaid.
+
+  Args:
+    images: `(M, 28, 28, 1)` digits of one split; labels `(M,)`.
+    first, second: `(N,)` indices of each pair's two digits.
+    shifts: `(N, 2, 2)`: shifts[i, d] = (dy, dx) of digit d of pair i.
+    merge_mode: 'max' or 'sum' (clipped to 1).
+    canvas_size: 36 in the paper.
+
+  Returns:
+    dict(image (N, S, S, 1), label (N, 2) int32, digits (N, 2, S, S, 1)).
+  """
+  digits = np.stack([to_canvas(images[first], shifts[:, 0], canvas_size),
+                     to_canvas(images[second], shifts[:, 1], canvas_size)],
+                    axis=1)
+  return {
+      'image': merge(digits[:, 0], digits[:, 1], merge_mode),
+      'label': np.stack([labels[first], labels[second]],
+                        axis=1).astype(np.int32),
+      'digits': digits,
+  }
+
+
+# ---------------------------------------------------------------------------
+# Training pairs, on the fly.
+
+
+def train_batch(data: tuple[np.ndarray, np.ndarray], step: int,
+                batch_size: int, seed: int, process_index: int = 0,
+                process_count: int = 1, max_shift: int = MAX_SHIFT,
+                merge_mode: str = 'max') -> Pairs:
+  """This process's part of the global batch of MultiMNIST pairs of `step`.
+
+  A pure function of (seed, step): the first digits are rows
+  [i * B, (i + 1) * B) of the (seed, epoch) permutation of the training
+  digits (as `input_pipeline.train_batch`), partners and shifts come from an
+  rng seeded by (seed, 2, step). Process p gets rows [p B / P, (p + 1) B / P).
+
+  Args:
+    data: (images (M, 28, 28, 1), labels (M,)) of the training split.
+    step, batch_size, seed, process_index, process_count: as
+      `input_pipeline.train_batch`.
+    max_shift: per-digit shift, 4 in the paper.
+    merge_mode: 'max' or 'sum'.
+
+  Returns:
+    dict(image, label, digits) with B / P rows (see the module docstring).
+  """
+  images, labels = data
+  host_rows = input_pipeline._host_rows(  # pylint: disable=protected-access
+      batch_size, process_index, process_count)
+  epoch, index = divmod(
+      step, input_pipeline.steps_per_epoch(len(labels), batch_size))
+  permutation = input_pipeline._epoch_permutation(  # pylint: disable=protected-access
+      seed, epoch, len(labels))
+  first = permutation[index * batch_size:(index + 1) * batch_size]
+  rng = np.random.default_rng([seed, 2, step])
+  second = partner_indices(rng, labels, first)
+  shifts = sample_shifts(rng, batch_size, max_shift)
+  return make_pairs(images, labels, first[host_rows], second[host_rows],
+                    shifts[host_rows], merge_mode)
+
+
+def train_batches(data: tuple[np.ndarray, np.ndarray], batch_size: int,
+                  seed: int, start_step: int = 0, num_steps: int | None = None,
+                  **kwargs) -> Iterator[Pairs]:
+  """`train_batch` for steps start_step, start_step + 1, ... ."""
+  step = start_step
+  while num_steps is None or step < start_step + num_steps:
+    yield train_batch(data, step, batch_size, seed, **kwargs)
+    step += 1
+
+
+# ---------------------------------------------------------------------------
+# Fixed evaluation pairs.
+
+
+class PairSet:
+  """A fixed set of MultiMNIST pairs of one split, generated lazily.
+
+  Array-like where the training loop needs images: `len(pairs)`,
+  `pairs[a:b]` (the overlaid images of pairs a..b-1), `pairs.labels`
+  (N, 2); `pairs.pairs(a, b)` gives all three arrays, `pairs.batches(...)`
+  padded evaluation batches with the digits.
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray,
+               num_pairs: int | None = None, pairs_per_digit: int | None = None,
+               seed: int = 0, max_shift: int = MAX_SHIFT,
+               merge_mode: str = 'max'):
+    """Pairs of `images`: `num_pairs` of them, or `pairs_per_digit` per digit.
+
+    Exactly one of num_pairs and pairs_per_digit must be given (pairs per
+    digit P gives P * len(images) pairs, each digit first in P of them).
+    """
+    if (num_pairs is None) == (pairs_per_digit is None):
+      raise ValueError('give exactly one of num_pairs and pairs_per_digit')
+    if pairs_per_digit is not None:
+      num_pairs = pairs_per_digit * len(labels)
+    if num_pairs < 0:
+      raise ValueError(f'num_pairs {num_pairs} must be >= 0')
+    if merge_mode not in MERGE_MODES:
+      raise ValueError(f'merge {merge_mode!r} must be one of {MERGE_MODES}')
+    self.images = images
+    self._labels = labels
+    self.num_pairs = num_pairs
+    self.seed = seed
+    self.max_shift = max_shift
+    self.merge_mode = merge_mode
+    self._all_labels = None
+    self._cache: dict[int, tuple[np.ndarray, ...]] = {}
+
+  def __len__(self) -> int:
+    return self.num_pairs
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return (self.num_pairs, CANVAS_SIZE, CANVAS_SIZE, self.images.shape[-1])
+
+  def _chunk_indices(self, chunk: int):
+    """(first, second, shifts) of the CHUNK_SIZE pairs of `chunk`."""
+    if chunk not in self._cache:
+      rng = np.random.default_rng([self.seed, 3, chunk])
+      first = (np.arange(chunk * CHUNK_SIZE, (chunk + 1) * CHUNK_SIZE)
+               % len(self._labels))
+      second = partner_indices(rng, self._labels, first)
+      if len(self._cache) >= 4:
+        self._cache.pop(next(iter(self._cache)))
+      self._cache[chunk] = (first, second,
+                            sample_shifts(rng, CHUNK_SIZE, self.max_shift))
+    return self._cache[chunk]
+
+  def indices(self, start: int, stop: int):
+    """(first, second, shifts) of pairs start..stop-1."""
+    start, stop = max(start, 0), min(stop, self.num_pairs)
+    if stop <= start:
+      empty = np.zeros((0,), np.int64)
+      return empty, empty, np.zeros((0, 2, 2), np.int64)
+    parts = [self._chunk_indices(chunk)
+             for chunk in range(start // CHUNK_SIZE,
+                                (stop - 1) // CHUNK_SIZE + 1)]
+    offset = (start // CHUNK_SIZE) * CHUNK_SIZE
+    return tuple(np.concatenate([part[i] for part in parts])
+                 [start - offset:stop - offset] for i in range(3))
+
+  def pairs(self, start: int = 0, stop: int | None = None) -> Pairs:
+    """dict(image, label, digits) of pairs start..stop-1."""
+    stop = self.num_pairs if stop is None else stop
+    first, second, shifts = self.indices(start, stop)
+    return make_pairs(self.images, self._labels, first, second, shifts,
+                      self.merge_mode)
+
+  @property
+  def labels(self) -> np.ndarray:
+    """(N, 2) int32 labels of every pair (cheap: no images are made)."""
+    if self._all_labels is None:
+      labels = np.empty((self.num_pairs, 2), np.int32)
+      for start in range(0, self.num_pairs, CHUNK_SIZE):
+        first, second, _ = self.indices(start, start + CHUNK_SIZE)
+        labels[start:start + len(first), 0] = self._labels[first]
+        labels[start:start + len(first), 1] = self._labels[second]
+      self._all_labels = labels
+    return self._all_labels
+
+  def __getitem__(self, index) -> np.ndarray:
+    """pairs[a:b] -> the overlaid images of those pairs."""
+    if not isinstance(index, slice) or index.step not in (None, 1):
+      raise TypeError('a PairSet is indexed by contiguous slices only')
+    start, stop, _ = index.indices(self.num_pairs)
+    return self.pairs(start, stop)['image']
+
+  def batches(self, batch_size: int, process_index: int = 0,
+              process_count: int = 1) -> Iterator[Pairs]:
+    """Every pair once, in order, in padded batches as
+    `input_pipeline.eval_batches`: zero rows and `mask` 0 for the padding."""
+    host_rows = input_pipeline._host_rows(  # pylint: disable=protected-access
+        batch_size, process_index, process_count)
+    for batch_index in range(
+        input_pipeline.num_eval_batches(self.num_pairs, batch_size)):
+      start = batch_index * batch_size
+      rows = np.arange(start, start + batch_size)[host_rows]
+      real = rows[rows < self.num_pairs]
+      batch = (self.pairs(int(real[0]), int(real[-1]) + 1) if len(real) else
+               self.pairs(0, 0))
+      yield _pad(batch, len(rows))
+
+
+def _pad(batch: Pairs, size: int) -> Pairs:
+  num_real = len(batch['label'])
+  padded = {name: np.concatenate(
+      [value, np.zeros((size - num_real, *value.shape[1:]), value.dtype)])
+            for name, value in batch.items()}
+  padded['mask'] = (np.arange(size) < num_real).astype(np.float32)
+  return padded
+
+
+def test_set(images: np.ndarray, labels: np.ndarray, num_pairs: int = 10000,
+             pairs_per_digit: int = 0, seed: int = 0,
+             merge_mode: str = 'max') -> PairSet:
+  """The fixed MultiMNIST test set of the test split.
+
+  `pairs_per_digit=1000` is the paper's (10M pairs); otherwise `num_pairs`.
+  """
+  if pairs_per_digit > 0:
+    return PairSet(images, labels, pairs_per_digit=pairs_per_digit, seed=seed,
+                   merge_mode=merge_mode)
+  return PairSet(images, labels, num_pairs=num_pairs, seed=seed,
+                 merge_mode=merge_mode)
+
+
+def generate(images: np.ndarray, labels: np.ndarray, num_pairs: int,
+             seed: int = 0, merge_mode: str = 'max') -> Pairs:
+  """`num_pairs` fixed pairs as arrays: dict(image, label, digits)."""
+  return PairSet(images, labels, num_pairs=num_pairs, seed=seed,
+                 merge_mode=merge_mode).pairs()
+
+
+# ---------------------------------------------------------------------------
+# Overlap.
+
+
+def bounding_boxes(images: np.ndarray, threshold: float = 0.0) -> np.ndarray:
+  """(N, 4) int boxes (top, bottom, left, right), bottom/right exclusive, of
+  the pixels above `threshold` in each `(N, H, W[, 1])` image; an empty
+  image gets (0, 0, 0, 0)."""
+  ink = images.reshape(images.shape[0], images.shape[1],
+                       images.shape[2], -1).max(-1) > threshold
+  rows, cols = ink.any(axis=2), ink.any(axis=1)
+
+  def extent(mask):
+    present = mask.any(axis=1)
+    low = np.argmax(mask, axis=1)
+    high = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
+    return np.where(present, low, 0), np.where(present, high, 0)
+
+  top, bottom = extent(rows)
+  left, right = extent(cols)
+  return np.stack([top, bottom, left, right], axis=1)
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+  return (np.maximum(boxes[:, 1] - boxes[:, 0], 0) *
+          np.maximum(boxes[:, 3] - boxes[:, 2], 0))
+
+
+def box_overlap(boxes_a: np.ndarray, boxes_b: np.ndarray,
+                relative_to: str = 'smaller') -> np.ndarray:
+  """(N,) intersection area over the smaller box's area, or over the union.
+
+  0 where a box is empty.
+  """
+  inter = np.stack([np.maximum(boxes_a[:, 0], boxes_b[:, 0]),
+                    np.minimum(boxes_a[:, 1], boxes_b[:, 1]),
+                    np.maximum(boxes_a[:, 2], boxes_b[:, 2]),
+                    np.minimum(boxes_a[:, 3], boxes_b[:, 3])], axis=1)
+  intersection = _area(inter).astype(np.float64)
+  area_a, area_b = _area(boxes_a), _area(boxes_b)
+  if relative_to == 'smaller':
+    denominator = np.minimum(area_a, area_b)
+  elif relative_to == 'union':
+    denominator = area_a + area_b - intersection
+  else:
+    raise ValueError(f"relative_to {relative_to!r} must be 'smaller' or "
+                     "'union'")
+  return np.where(denominator > 0,
+                  intersection / np.maximum(denominator, 1), 0.0)
+
+
+def bounding_box_overlap(digits: np.ndarray, relative_to: str = 'smaller',
+                         threshold: float = 0.0) -> np.ndarray:
+  """(N,) overlap of the two digits of each pair, digits `(N, 2, S, S, 1)`."""
+  return box_overlap(bounding_boxes(digits[:, 0], threshold),
+                     bounding_boxes(digits[:, 1], threshold), relative_to)
+
+
+def mean_overlap(digits: np.ndarray, threshold: float = 0.0
+                 ) -> dict[str, float]:
+  """Mean bounding-box overlap of pairs, over the smaller box and over the
+  union (IoU): dict(smaller=..., union=...)."""
+  return {kind: float(np.mean(bounding_box_overlap(digits, kind, threshold)))
+          for kind in ('smaller', 'union')}
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+  """python -m train.multimnist [--num_pairs=10000]: overlap statistics."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=_main.__doc__)
+  parser.add_argument('--num_pairs', type=int, default=10000)
+  parser.add_argument('--split', choices=('train', 'test'), default='test')
+  parser.add_argument('--merge', choices=MERGE_MODES, default='max')
+  parser.add_argument('--threshold', type=float, default=0.0)
+  parser.add_argument('--tfds_data_dir', default='~/tensorflow_datasets')
+  args = parser.parse_args(argv)
+  import os  # pylint: disable=g-import-not-at-top
+  splits = input_pipeline.load_splits(
+      'mnist', None, os.path.expanduser(args.tfds_data_dir))
+  images, labels = ((splits.test_images, splits.test_labels)
+                    if args.split == 'test' else
+                    (splits.train_images, splits.train_labels))
+  pairs = generate(images, labels, args.num_pairs, merge_mode=args.merge)
+  overlap = mean_overlap(pairs['digits'], args.threshold)
+  print(f'{args.num_pairs} {args.split} pairs: mean bounding-box overlap '
+        f'{overlap["smaller"]:.1%} of the smaller box, '
+        f'{overlap["union"]:.1%} of the union (IoU)')
+
+
+if __name__ == '__main__':
+  _main()

@@ -1,4 +1,4 @@
-"""Helpers shared by the capsjax benchmarks (routing_iterations.py, train_step.py).
+"""Helpers shared by benchmarks/routing_iterations.py and train_step.py.
 
 One way to do each thing:
 
@@ -46,7 +46,7 @@ if str(REPO_ROOT) not in sys.path:  # `train` is not installed with capsjax.
   sys.path.insert(0, str(REPO_ROOT))
 
 from train import train as train_lib  # pylint: disable=g-import-not-at-top
-from train.configs import default as default_config  # pylint: disable=g-import-not-at-top
+from train.configs import default  # pylint: disable=g-import-not-at-top
 
 MNIST_IMAGE_SHAPE = (28, 28, 1)
 MB = 1e6  # Memory is reported in MB = 10^6 bytes.
@@ -352,7 +352,7 @@ def make_config(*, batch_size: int = 128, precision: str = 'float32',
                 stop_gradient_intermediate: bool = False,
                 small: bool = False):
   """train/configs/default.py with the benchmark's settings."""
-  config = default_config.get_config()
+  config = default.get_config()
   config.batch_size = batch_size
   config.precision = precision
   config.model.routing_iterations = routing_iterations

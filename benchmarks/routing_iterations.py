@@ -27,7 +27,7 @@ validation accuracy and its test accuracy.
 
 Examples:
 
-    python benchmarks/routing_iterations.py --out routing.json --plot routing.png
+    python benchmarks/routing_iterations.py --out r.json --plot r.png
     python benchmarks/routing_iterations.py --repeats 0      # memory only
     python benchmarks/routing_iterations.py --accuracy --epochs 1 \\
         --train-examples 5000 --eval-examples 1000 --out routing.json
@@ -187,7 +187,7 @@ def train_for_accuracy(args, iterations: int, stop_gradient: bool,
   config.num_reconstructions = 0
   config.keep_checkpoints = 1
   config.checkpoint_every_steps = 1 << 30  # only at the end of each epoch
-  run_dir = workdir / f'r{iterations}_stop_gradient_{str(stop_gradient).lower()}'
+  run_dir = workdir / f'r{iterations}_stop_gradient_{stop_gradient}'.lower()
   start = time.perf_counter()
   results = train_lib.train_and_evaluate(config, str(run_dir))
   return {
@@ -239,9 +239,10 @@ def _describe(trend: dict[str, Any]) -> str:
     return f'{values} MB (measure two iteration counts or more to see a trend)'
   if trend['flat_from'] is not None:
     return f'stays flat from r={trend["flat_from"]} on ({values} MB)'
-  sign = '+' if growth >= 0 else ''
-  return (f'changes by {sign}{common.format_mb(growth)} MB per extra '
-          f'iteration at the end ({values} MB)')
+  last, before = trend['iterations'][-1], trend['iterations'][-2]
+  verb = 'grows' if growth >= 0 else 'shrinks'
+  return (f'{verb} by {common.format_mb(abs(growth))} MB per extra iteration '
+          f'from r={before} to r={last} ({values} MB)')
 
 
 def memory_finding(rows: list[dict[str, Any]], shape, batch_size: int
@@ -254,7 +255,8 @@ def memory_finding(rows: list[dict[str, Any]], shape, batch_size: int
                      f'the full training step at batch {batch_size}')):
     trends = {}
     for stop_gradient in (True, False):
-      points = [(row['iterations'], row[key]['memory']['peak_bytes'] / common.MB)
+      points = [(row['iterations'],
+                 row[key]['memory']['peak_bytes'] / common.MB)
                 for row in rows
                 if row['stop_gradient_intermediate'] == stop_gradient
                 and row.get(key) and row[key]['memory']]
@@ -391,6 +393,8 @@ def plot(path: str, rows: list[dict[str, Any]], settings: dict[str, Any]
                    + (f", <= {settings['max_steps']} steps"
                       if settings['max_steps'] > 0 else ''), fontsize=9)
 
+  figure.suptitle('capsjax routing iterations: times are medians, bars '
+                  'from min to max', fontsize=9)
   for axis in axes:
     axis.set_xlabel('routing iterations r')
     axis.set_xticks(sorted({row['iterations'] for row in rows}))

@@ -8,6 +8,9 @@ of CPU devices, set with XLA_FLAGS before JAX starts, or
         python tests/multidevice_worker.py --workdir=DIR --out=OUT.npz \
         --overrides='{"max_steps": 4, "model.conv_features": 16}'
 
+--delay_data_on_process_0=SECONDS makes process 0 that much slower to
+prepare the data than the others.
+
 OUT.npz holds the parameters this process holds at the end of training (its
 own copy of the replicated state, not a checkpoint read back), one array per
 '/'-joined parameter path, plus `__meta__`: a JSON string with the step, the
@@ -17,6 +20,7 @@ process index and count, the device count and the test results.
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +30,7 @@ if str(REPO_ROOT) not in sys.path:
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from train import input_pipeline  # pylint: disable=g-import-not-at-top
 from train import train  # pylint: disable=g-import-not-at-top
 from train.configs import default  # pylint: disable=g-import-not-at-top
 
@@ -53,7 +58,19 @@ def main() -> None:
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--out', required=True)
   parser.add_argument('--overrides', default='{}', help='JSON: field: value')
+  parser.add_argument('--delay_data_on_process_0', type=float, default=0,
+                      help='seconds process 0 waits before loading the data')
   args = parser.parse_args()
+
+  if args.delay_data_on_process_0:
+    load_splits = input_pipeline.load_splits
+
+    def slow_load_splits(*load_args, **load_kwargs):
+      if jax.process_index() == 0:  # Known only once jax.distributed is up.
+        time.sleep(args.delay_data_on_process_0)
+      return load_splits(*load_args, **load_kwargs)
+
+    input_pipeline.load_splits = slow_load_splits
 
   final = {}
   test_best = train._test_best  # pylint: disable=protected-access

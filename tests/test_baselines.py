@@ -69,10 +69,15 @@ def test_forward_shapes(make, size):
   chex.assert_tree_all_finite(output.logits)
 
 
-def test_same_padding_patches_match_lax_conv():
-  images = jax.random.uniform(jax.random.key(0), (2, 9, 9, 3))
-  patches = baselines.BaselineCNN(**TINY_CNN)
-  lax = baselines.BaselineCNN(**TINY_CNN, conv_implementation='lax')
+@pytest.mark.parametrize('make', [
+    lambda implementation: baselines.BaselineCNN(
+        **TINY_CNN, conv_implementation=implementation),
+    lambda implementation: baselines.LeNet5(
+        conv_implementation=implementation),
+])
+def test_patches_match_lax_conv(make):
+  images = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
+  patches, lax = make('patches'), make('lax')
 
   @jax.jit
   def run(images):

@@ -121,6 +121,39 @@ def test_routing_iterations_memory_finding(tmp_path):
       'growth_mb_per_iteration'] > 0
 
 
+def test_routing_iterations_accuracy(tmp_path, monkeypatch):
+  """--accuracy's plumbing, with train_and_evaluate stood in for (a real
+  training is tested in tests/test_train.py)."""
+  configs = []
+
+  def fake_train_and_evaluate(config, workdir):
+    configs.append((config, Path(workdir)))
+    accuracy = 0.5 + 0.1 * config.model.routing_iterations
+    return {'validation_accuracy': accuracy, 'test_accuracy': accuracy - 0.01,
+            'test_examples': config.num_eval_examples, 'checkpoint_step': 3}
+
+  monkeypatch.setattr(routing_iterations.train_lib, 'train_and_evaluate',
+                      fake_train_and_evaluate)
+  out, png = tmp_path / 'accuracy.json', tmp_path / 'accuracy.png'
+  routing_iterations.main(ROUTING_TINY + [
+      '--iterations', '1,2', '--stop-gradient', 'false', '--no-train-step',
+      '--accuracy', '--epochs', '2', '--max-steps', '3', '--train-examples',
+      '64', '--eval-examples', '32', '--workdir', str(tmp_path / 'runs'),
+      '--out', str(out), '--plot', str(png)])
+  assert [config.model.routing_iterations for config, _ in configs] == [1, 2]
+  for config, workdir in configs:
+    assert (config.num_epochs, config.max_steps, config.num_train_examples,
+            config.num_eval_examples, config.batch_size) == (2, 3, 64, 32, 2)
+    assert config.model.stop_gradient_intermediate is False
+    assert workdir.parent == tmp_path / 'runs'
+  assert len({workdir for _, workdir in configs}) == 2
+  rows = json.loads(out.read_text())['results']
+  assert [row['accuracy']['validation_accuracy'] for row in rows] == [
+      pytest.approx(0.6), pytest.approx(0.7)]
+  assert all(positive(row['accuracy']['wall_s']) for row in rows)
+  check_png(png)
+
+
 def test_memory_trend():
   flat = routing_iterations.memory_trend([(3, 206.4), (1, 11.9), (2, 112.7),
                                           (4, 206.4), (5, 206.4)])

@@ -46,13 +46,13 @@ def tiny_model():
   model = capsjax.CapsNet(**TINY)
   images = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))
   params = jax.jit(model.init)(jax.random.key(1), images[:1])['params']
-  return model, params, np.asarray(images)
+  return model, params, np.asarray(images), jax.jit(model.apply)
 
 
 def test_figures_are_written(tiny_model, tmp_path):
-  model, params, images = tiny_model
+  model, params, images, apply = tiny_model
   written = figures.draw_all(model, params, images, np.array([1, 2, 3]),
-                             tmp_path, perturb=(1,))
+                             tmp_path, perturb=(1,), apply=apply)
   assert [p.name for p in written] == ['reconstructions.png',
                                        'perturbation_1.png']
   perturbation = plt.imread(tmp_path / 'perturbation_1.png')
@@ -62,24 +62,24 @@ def test_figures_are_written(tiny_model, tmp_path):
 
 
 def test_perturbation_grid_decodes_each_copy(tiny_model):
-  model, params, images = tiny_model
-  output = jax.jit(model.apply)({'params': params}, images[:1],
-                                jnp.array([4]))
+  model, params, images, apply = tiny_model
+  # Labels (3, 2) as in test_multimnist_figure: one compilation for both.
+  output = apply({'params': params}, images, jnp.array([[4, 0]] * 3))
   grid = figures.perturbation_grid(model, params, output.capsules[0], 4,
                                    (28, 28, 1))
   assert grid.shape == (16, 11, 28, 28, 1)
   # The unperturbed column decodes the capsule as the model's decoder does.
-  direct = output.reconstructions[0]
+  direct = output.reconstructions[0, 0]
   for row in range(16):
     np.testing.assert_allclose(grid[row, 5], direct, atol=1e-5)
 
 
-def test_multimnist_figure(tmp_path):
-  model = capsjax.CapsNet(**TINY)
-  images = np.asarray(jax.random.uniform(jax.random.key(0), (2, 36, 36, 1)))
-  params = jax.jit(model.init)(jax.random.key(1), images[:1])['params']
+def test_multimnist_figure(tiny_model, tmp_path):
+  # Any canvas size draws the same way (MultiMNIST's is 36x36).
+  model, params, images, apply = tiny_model
   written = figures.draw_all(model, params, images,
-                             np.array([[1, 2], [3, 4]]), tmp_path, perturb=())
+                             np.array([[1, 2], [3, 4], [5, 6]]), tmp_path,
+                             perturb=(), apply=apply)
   assert [p.name for p in written] == ['multimnist.png']
   assert plt.imread(written[0]).shape[2] in (3, 4)
   colours = figures.two_colour(np.ones((1, 2, 4, 4, 1)))

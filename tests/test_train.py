@@ -149,11 +149,11 @@ class Run:
   def stderr(self) -> str:
     return self.stderr_path.read_text()
 
-  def poll(self) -> int | None:
+  def poll(self, options: int = os.WNOHANG) -> int | None:
     """The exit code, or None while running. Reaps with wait4 to get the
     process's CPU time (the wall time means little on a shared machine)."""
     if self.process.returncode is None:
-      pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+      pid, status, usage = os.wait4(self.process.pid, options)
       if pid:
         self.process.returncode = os.waitstatus_to_exitcode(status)
         self.seconds = time.monotonic() - self.start
@@ -161,9 +161,8 @@ class Run:
     return self.process.returncode
 
   def wait(self) -> Run:
-    deadline = self.start + TIMEOUT
     while self.poll() is None:
-      if time.monotonic() > deadline:
+      if time.monotonic() > self.start + TIMEOUT:
         self.kill()
         pytest.fail(f'{self.name} still running after {TIMEOUT} s; stderr:\n'
                     + self.stderr[-3000:])
@@ -173,7 +172,7 @@ class Run:
   def kill(self) -> None:
     if self.poll() is None:
       self.process.kill()
-      self.wait()
+      self.poll(options=0)  # Blocks until it is gone.
 
   def succeeded(self) -> Run:
     self.wait()
@@ -186,12 +185,12 @@ class Run:
 class WorkerRun(Run):
   """A run of tests/multidevice_worker.py: its final parameters in a .npz."""
 
-  def __init__(self, name, overrides, env, log_dir, workdir):
+  def __init__(self, name, overrides, env, log_dir, workdir, *worker_flags):
     self.npz_path = log_dir / f'{name}.npz'
     super().__init__(
         name, [sys.executable, str(WORKER), f'--workdir={workdir}',
                f'--out={self.npz_path}',
-               f'--overrides={json.dumps(overrides)}'],
+               f'--overrides={json.dumps(overrides)}', *worker_flags],
         env, log_dir, workdir)
 
   def result(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -237,13 +236,13 @@ class Runs:
 
   def worker(self, name: str, num_devices: int = 1,
              overrides: dict[str, Any] | None = None,
-             workdir: Path | None = None) -> WorkerRun:
+             workdir: Path | None = None, *worker_flags: str) -> WorkerRun:
     """A named WorkerRun of SMALL (+ overrides), started on first call."""
     if name not in self._runs:
       workdir = workdir or self.workdir(name)
       self._runs[name] = WorkerRun(
           name, {**SMALL, **self.data, **(overrides or {})},
-          self.env(num_devices), self.directory, workdir)
+          self.env(num_devices), self.directory, workdir, *worker_flags)
     return self._runs[name]
 
   def reference(self) -> WorkerRun:
@@ -255,7 +254,11 @@ class Runs:
     return self.worker(f'{num_devices}_devices', num_devices)
 
   def two_processes(self) -> list[WorkerRun]:
-    """SMALL on two processes (jax.distributed), one device each."""
+    """SMALL on two processes (jax.distributed), one device each.
+
+    Process 0 is 35 s late with the data, which the others wait for: more
+    than a CPU (gloo) collective waits.
+    """
     if 'process_0' not in self._runs:
       distributed = {'distributed': 'True',
                      'coordinator_address': f'localhost:{free_port()}',
@@ -263,7 +266,8 @@ class Runs:
       for index in range(2):
         self.worker(f'process_{index}', 1,
                     {**distributed, 'process_id': index},
-                    self.workdir('two_processes'))
+                    self.workdir('two_processes'),
+                    '--delay_data_on_process_0=35')
     return [self._runs['process_0'], self._runs['process_1']]
 
   def start_in_background(self) -> None:
@@ -292,8 +296,7 @@ def runs(tmp_path_factory, mnist_idx_dir, mnist_tfds_dir):
 # 1. A real run, in this process.
 
 
-def test_train_and_evaluate_end_to_end(runs, mnist_idx_dir, mnist_tfds_dir,
-                                       tmp_path):
+def test_train_and_evaluate_end_to_end(runs, tmp_path):
   # The subprocess runs of the later tests compile meanwhile.
   runs.start_in_background()
   config = multidevice_worker.make_config(
@@ -433,6 +436,8 @@ def test_devices_give_the_same_training(runs, num_devices):
 
 
 def test_two_processes_hold_the_same_parameters(runs):
+  # Process 0 is 35 s late with the data: the others wait at a barrier that
+  # must outlast the 30 s a CPU (gloo) collective waits.
   hosts = runs.two_processes()
   # If one fails, the other would wait for it until TIMEOUT: stop it.
   deadline = time.monotonic() + TIMEOUT
@@ -466,8 +471,8 @@ def test_two_processes_hold_the_same_parameters(runs):
 # 5. Mistakes: one line, before anything is compiled.
 
 
-def truncated_idx_dir(mnist_idx_dir: Path, directory: Path) -> Path:
-  """The four MNIST files, train-labels cut in half."""
+def make_truncated_idx_dir(mnist_idx_dir: Path, directory: Path) -> None:
+  """The four MNIST files in `directory`, train-labels cut in half."""
   directory.mkdir()
   for path in mnist_idx_dir.glob('*-ubyte.gz'):
     (directory / path.name).symlink_to(path)
@@ -475,7 +480,6 @@ def truncated_idx_dir(mnist_idx_dir: Path, directory: Path) -> Path:
   data = labels.read_bytes()
   labels.unlink()
   labels.write_bytes(data[:len(data) // 2])
-  return labels
 
 
 ERRORS = {
@@ -506,7 +510,7 @@ def error_runs(runs, mnist_idx_dir, tmp_path_factory
   for name, (overrides, num_devices, _) in ERRORS.items():
     tmp = tmp_path_factory.mktemp(name)
     if name == 'truncated_idx':
-      truncated_idx_dir(mnist_idx_dir, tmp / 'idx')
+      make_truncated_idx_dir(mnist_idx_dir, tmp / 'idx')
     overrides = {key: str(value).format(tmp=tmp)
                  for key, value in overrides.items()}
     run = runs.main(f'error_{name}', overrides, tmp / 'workdir', num_devices,

@@ -372,14 +372,26 @@ def restore_best(workdir: str | Path) -> Restored:
     shape = (28, 28, 1)
   state = jax.jit(lambda: train.create_train_state(config, shape))()
   checkpoints = train.Checkpoints(workdir, config.get('keep_checkpoints', 3))
+  # Read only: unlike Checkpoints.restore_latest, never moves a checkpoint
+  # that fails to restore (e.g. with a config that does not match it).
   try:
-    restored = checkpoints.restore_latest(state)
-    if restored is None:
-      raise FileNotFoundError(f'{workdir}: no readable checkpoint')
-    state, progress = restored
+    steps = sorted(checkpoints.manager.all_steps(), reverse=True)
+    progress, errors = None, []
+    for step in steps:
+      try:
+        latest, progress = checkpoints.restore(step, state)
+        break
+      except Exception as error:  # pylint: disable=broad-except
+        errors.append(f'step {step}: {type(error).__name__}: '
+                      f'{" ".join(str(error).split())[:200]}')
+    if progress is None:
+      raise FileNotFoundError(f'{workdir}: no readable checkpoint '
+                              f'({"; ".join(errors) or "none saved"})')
     best_step = progress.get('best_step', -1)
-    if best_step >= 0 and best_step != int(state.step):
+    if best_step >= 0 and best_step != int(latest.step):
       state, _ = checkpoints.restore(best_step, state)
+    else:
+      state = latest
   finally:
     checkpoints.close()
   return Restored(config, state, int(state.step), shape)

@@ -184,11 +184,12 @@ def save_multimnist_png(path: Path, images: np.ndarray, labels: np.ndarray,
 
 
 def draw_all(model: capsjax.CapsNet, params, images: np.ndarray,
-             labels: np.ndarray, out: Path,
-             perturb: Sequence[int] = (0,)) -> list[Path]:
+             labels: np.ndarray, out: Path, perturb: Sequence[int] = (0,),
+             apply=None) -> list[Path]:
   """Every figure of a (trained) CapsNet on these test examples.
 
   images `(N, H, W, 1)`; labels `(N,)`, or `(N, 2)` for MultiMNIST pairs.
+  `apply`: a `jax.jit(model.apply)` to reuse (compiling one costs seconds).
   Returns the paths written.
   """
   if not model.use_decoder:
@@ -196,7 +197,7 @@ def draw_all(model: capsjax.CapsNet, params, images: np.ndarray,
                      'reconstruction_weight=0): nothing to reconstruct')
   out.mkdir(parents=True, exist_ok=True)
   image_shape = images.shape[1:]
-  apply = jax.jit(model.apply)
+  apply = apply or jax.jit(model.apply)
   output = apply({'params': params}, images)
   lengths = np.asarray(output.lengths)
   written = []

@@ -32,7 +32,11 @@ ink). The overlap of a pair is area(box1 & box2) / area(smaller box)
 (`relative_to='smaller'`: 1 when one box lies inside the other), or
 area(box1 & box2) / area(box1 | box2) (`relative_to='union'`, IoU). The paper
 reports "an average of 80% overlap" without defining it; `mean_overlap`
-gives both.
+gives both. Measured on 10K test pairs (seed 0, any ink): 72.9% of the
+smaller box, 46.3% IoU. Shifting only the second digit (a relative shift of
+up to 4 instead of 8) gives 79.7% of the smaller box, close to the paper's
+80%; we follow the paper's text (and the official code), which shifts both.
+`python -m train.multimnist --num_pairs=10000` prints these statistics.
 """
 
 from __future__ import annotations

@@ -270,6 +270,18 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     ) from error
 
 
+def wait_for_all_processes(name: str, timeout_seconds: int = 3600) -> None:
+  """A barrier of all processes, through the jax.distributed coordination
+  service (a no-op with one process). `name` must be unique.
+
+  Unlike `multihost_utils.sync_global_devices`, it runs no device
+  collective: on CPU, that one's gloo rendezvous gives up after 30 s, less
+  than preparing a dataset can take.
+  """
+  ocp.multihost.get_barrier_sync_fn()(key=name,
+                                      timeout_ms=timeout_seconds * 1000)
+
+
 class DataParallel:
   """A 1-D device mesh: batches sharded along 'data', state replicated."""
 
@@ -551,9 +563,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     if jax.process_index() == 0:
       splits = load()
-    multihost_utils.sync_global_devices('dataset prepared')
+    wait_for_all_processes('dataset prepared')
     if jax.process_index() != 0:
       splits = load()
+    # Together to the first device collective (which can wait only 30 s).
+    wait_for_all_processes('dataset loaded')
   except DataError as error:
     field = 'data_dir' if config.data_dir else 'dataset'
     raise ConfigError(

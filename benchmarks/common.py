@@ -17,6 +17,10 @@ One way to do each thing:
 - `flops_of`: `compiled.cost_analysis()['flops']`. XLA counts a while loop's
   body once, not once per trip, so a `fori_loop` (the routing iterations) is
   under-counted; `capsnet_step_flops` is the analytic count to compare with.
+- `add_allocator_argument` / `set_up_allocator`: `--system-malloc`; by
+  default the process reuses freed host memory as `train/main.py` does
+  (`train/host_memory.py`), and `ALLOCATOR_ENVIRONMENT` gives a child
+  process (the PyTorch reference) the same settings.
 - `machine_info`: CPU model, cores, load, library versions.
 - `write_json`, `format_table`, argument parsers.
 - The training-step set-up both scripts time the same way: `make_config`,
@@ -45,6 +49,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `train` is not installed with capsjax.
   sys.path.insert(0, str(REPO_ROOT))
 
+from capsjax import convolution as capsjax_convolution  # pylint: disable=g-import-not-at-top
+from train import host_memory  # pylint: disable=g-import-not-at-top
 from train import train as train_lib  # pylint: disable=g-import-not-at-top
 from train.configs import default  # pylint: disable=g-import-not-at-top
 
@@ -235,6 +241,33 @@ def _memory_total_bytes() -> int | None:
   return None
 
 
+# train/host_memory.py's settings, for a process started with them.
+ALLOCATOR_ENVIRONMENT = {
+    'MALLOC_ARENA_MAX': '1',
+    'MALLOC_MMAP_MAX_': '0',
+    'MALLOC_TRIM_THRESHOLD_': str(host_memory.TRIM_THRESHOLD_BYTES),
+}
+
+
+def add_conv_method_argument(parser) -> None:
+  parser.add_argument(
+      '--conv-method', default='auto', choices=capsjax_convolution.METHODS,
+      help="config.model.conv_method: 'auto' (FFT for float32 on CPU), "
+      "'patches' or 'fft'")
+
+
+def add_allocator_argument(parser) -> None:
+  parser.add_argument(
+      '--system-malloc', action='store_true',
+      help="keep glibc's default malloc settings; by default freed host "
+      'memory is reused, as train/main.py does (see train/host_memory.py)')
+
+
+def set_up_allocator(args) -> bool:
+  """Before any computation: True if freed host memory is reused."""
+  return (not args.system_malloc) and host_memory.reuse_freed_host_memory()
+
+
 def machine_info() -> dict[str, Any]:
   """What the numbers were measured on."""
   import flax  # pylint: disable=g-import-not-at-top
@@ -261,9 +294,12 @@ def machine_info() -> dict[str, Any]:
 
 
 def describe_machine(machine: dict[str, Any]) -> str:
+  allocator = {True: ', freed host memory reused',
+               False: ", glibc's default malloc"}.get(
+                   machine.get('reuse_freed_host_memory'), '')
   return (f"{machine['cpu_model']}, {machine['cpus_usable']} usable cores, "
           f"jax {machine['jax']} / jaxlib {machine['jaxlib']} on "
-          f"{machine['backend']}, load average "
+          f"{machine['backend']}{allocator}, load average "
           f"{', '.join(f'{x:.2f}' for x in machine['loadavg'])}")
 
 
@@ -350,9 +386,10 @@ def parse_bool_list(text: str) -> list[bool]:
 def make_config(*, batch_size: int = 128, precision: str = 'float32',
                 routing_iterations: int = 3,
                 stop_gradient_intermediate: bool = False,
-                small: bool = False):
+                small: bool = False, conv_method: str = 'auto'):
   """train/configs/default.py with the benchmark's settings."""
   config = default.get_config()
+  config.model.conv_method = conv_method
   config.batch_size = batch_size
   config.precision = precision
   config.model.routing_iterations = routing_iterations

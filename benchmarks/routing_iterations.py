@@ -106,6 +106,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       'subfolder per run; an existing one is resumed); '
                       'default: a temporary folder, deleted afterwards')
   parser.add_argument('--out', help='write the results as JSON here')
+  common.add_allocator_argument(parser)
   parser.add_argument('--plot', help='write a PNG plot here')
   args = parser.parse_args(argv)
   try:
@@ -413,7 +414,9 @@ def plot(path: str, rows: list[dict[str, Any]], settings: dict[str, Any]
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  reuse_freed_host_memory = common.set_up_allocator(args)
   machine = common.machine_info()
+  machine['reuse_freed_host_memory'] = reuse_freed_host_memory
   print(f'machine: {common.describe_machine(machine)}', flush=True)
   settings = {
       'iterations': args.iterations, 'shape': list(args.shape),

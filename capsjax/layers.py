@@ -23,10 +23,11 @@ Initializer = Callable[..., jax.Array]
 
 
 class Conv2D(nn.Module):
-  """VALID square convolution computed as patches @ kernel (see `convolution`).
+  """VALID square convolution by patches @ kernel or FFT (`convolution`).
 
   Same parameters ('kernel' HWIO, 'bias') and initialisers as `nn.Conv`, but
   its backward pass avoids XLA:CPU's slow strided-convolution gradient.
+  `method`: 'auto' (FFT for float32 on CPU), 'patches' or 'fft'.
   """
 
   features: int
@@ -34,6 +35,7 @@ class Conv2D(nn.Module):
   stride: int = 1
   use_bias: bool = True
   dtype: Dtype = jnp.float32
+  method: str = 'auto'
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros_init()
 
@@ -45,7 +47,8 @@ class Conv2D(nn.Module):
         self.kernel_init,
         (self.kernel_size, self.kernel_size, images.shape[-1], self.features),
     )
-    outputs = convolution.conv2d(images, kernel, self.stride, self.dtype)
+    outputs = convolution.conv2d(images, kernel, self.stride, self.dtype,
+                                 self.method)
     if self.use_bias:
       outputs = outputs + self.param('bias', self.bias_init, (self.features,))
     return outputs
@@ -67,6 +70,7 @@ class PrimaryCapsules(nn.Module):
   # 1/32 before the squash; the paper does not (1.0).
   output_scale: float = 1.0
   dtype: Dtype = jnp.float32
+  conv_method: str = 'auto'  # `Conv2D.method`
 
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:
@@ -76,6 +80,7 @@ class PrimaryCapsules(nn.Module):
         self.kernel_size,
         self.stride,
         dtype=self.dtype,
+        method=self.conv_method,
     )(features)
     capsules = maps.reshape(features.shape[0], -1, self.capsule_dim)
     return squash(self.output_scale * capsules.astype(jnp.float32))

@@ -47,6 +47,9 @@ class CapsNet(nn.Module):
   stop_gradient_intermediate: bool = False
   # Compute dtype of the matmuls (convolutions, prediction vectors, decoder).
   dtype: Any = jnp.float32
+  # How both convolutions are computed (`capsjax.convolution.conv2d`):
+  # 'auto' (FFT for float32 on CPU, else patches), 'patches' or 'fft'.
+  conv_method: str = 'auto'
 
   @nn.compact
   def __call__(
@@ -68,7 +71,11 @@ class CapsNet(nn.Module):
       )
     features = nn.relu(
         Conv2D(
-            self.conv_features, self.kernel_size, dtype=self.dtype, name='conv1'
+            self.conv_features,
+            self.kernel_size,
+            dtype=self.dtype,
+            method=self.conv_method,
+            name='conv1',
         )(images)
     )
     primary = PrimaryCapsules(
@@ -78,6 +85,7 @@ class CapsNet(nn.Module):
         stride=2,
         output_scale=self.primary_capsule_scale,
         dtype=self.dtype,
+        conv_method=self.conv_method,
         name='primary_capsules',
     )(features)
     capsules = CapsuleLayer(

@@ -204,19 +204,25 @@ def test_train_step_torch_is_run_with_the_same_settings(tmp_path, capsys):
   fake_python = tmp_path / 'fake_python'
   fake_python.write_text(textwrap.dedent(f'''\
       #!{sys.executable}
-      import json, sys
+      import json, os, sys
       script, *flags = sys.argv[1:]
       options = dict(zip(flags[::2], flags[1::2]))
       results = {{p: {{'median_step_s': 2.0, 'images_per_s': 1.0}}
                  for p in ('float32', 'bfloat16')}}
-      json.dump({{'script': script, 'options': options, 'results': results}},
-                open(options['--out'], 'w'))
+      allocator = {{name: os.environ.get(name)
+                   for name in ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_')}}
+      json.dump({{'script': script, 'options': options, 'results': results,
+                  'allocator': allocator}}, open(options['--out'], 'w'))
       print('summary (fake)')
       '''))
   fake_python.chmod(0o755)
   args = argparse.Namespace(torch_python=str(fake_python), batch_size=2,
-                            steps=3, warmup=1, threads=2)
+                            steps=3, warmup=1, threads=2,
+                            system_malloc=False)
   report = train_step.run_torch(args, ['float32', 'bfloat16'])
+  # PyTorch gets the allocator settings JAX runs with.
+  assert report['allocator'] == {'MALLOC_ARENA_MAX': '1',
+                                 'MALLOC_MMAP_MAX_': '0'}
   assert report['script'] == str(train_step.TORCH_SCRIPT)
   assert report['options'] == {
       '--batch-size': '2', '--steps': '3', '--warmup': '1',

@@ -1,4 +1,4 @@
-"""The patches-times-matmul convolution equals lax's convolution."""
+"""Both convolution methods (patches @ kernel, FFT) equal lax's convolution."""
 
 import chex
 import jax
@@ -17,12 +17,14 @@ def _reference_conv(images, kernel, stride):
   )
 
 
+@pytest.mark.parametrize('method', ['patches', 'fft'])
 @pytest.mark.parametrize(
     'image_size,channels,features,kernel_size,stride',
-    [(28, 1, 16, 9, 1), (20, 32, 24, 9, 2), (11, 3, 5, 3, 3), (7, 4, 4, 7, 1)],
+    [(28, 1, 16, 9, 1), (20, 32, 24, 9, 2), (11, 3, 5, 3, 3), (7, 4, 4, 7, 1),
+     (13, 2, 3, 4, 2)],  # odd input with an even kernel: rfft's odd length
 )
 def test_matches_lax_conv_value_and_gradients(
-    image_size, channels, features, kernel_size, stride
+    image_size, channels, features, kernel_size, stride, method
 ):
   images = jax.random.normal(
       jax.random.key(0), (3, image_size, image_size, channels)
@@ -31,9 +33,13 @@ def test_matches_lax_conv_value_and_gradients(
       jax.random.key(1), (kernel_size, kernel_size, channels, features)
   )
   expected = _reference_conv(images, kernel, stride)
-  ours_fn = jax.jit(convolution.conv2d, static_argnums=2)
+
+  def ours(x, w, stride):
+    return convolution.conv2d(x, w, stride, method=method)
+
   chex.assert_trees_all_close(
-      ours_fn(images, kernel, stride), expected, rtol=1e-4, atol=1e-4
+      jax.jit(ours, static_argnums=2)(images, kernel, stride), expected,
+      rtol=1e-4, atol=1e-4
   )
   cotangent = jax.random.normal(jax.random.key(2), expected.shape)
 
@@ -46,19 +52,35 @@ def test_matches_lax_conv_value_and_gradients(
     )(images, kernel)
 
   chex.assert_trees_all_close(
-      gradients(convolution.conv2d),
+      gradients(ours),
       gradients(_reference_conv),
       rtol=1e-4, atol=1e-4,
   )
 
 
-def test_primary_caps_shape():
+@pytest.mark.parametrize('method', ['patches', 'fft'])
+def test_primary_caps_shape(method):
   images = jax.ShapeDtypeStruct((2, 20, 20, 256), jnp.float32)
   kernel = jax.ShapeDtypeStruct((9, 9, 256, 256), jnp.float32)
   result = jax.eval_shape(
-      lambda x, w: convolution.conv2d(x, w, 2), images, kernel
+      lambda x, w: convolution.conv2d(x, w, 2, method=method), images, kernel
   )
   chex.assert_shape(result, (2, 6, 6, 256))
+  chex.assert_type(result, jnp.float32)
+
+
+def test_auto_picks_fft_only_where_it_pays():
+  on_cpu = jax.default_backend() == 'cpu'
+  many = convolution.FFT_MIN_IN_CHANNELS
+  assert convolution.resolve_method('auto', None, many) == (
+      'fft' if on_cpu else 'patches')
+  assert convolution.resolve_method('auto', jnp.float32, many) == (
+      'fft' if on_cpu else 'patches')
+  # No bfloat16 FFT; few input channels: the transforms cost more.
+  assert convolution.resolve_method('auto', jnp.bfloat16, many) == 'patches'
+  assert convolution.resolve_method('auto', None, 1) == 'patches'
+  assert convolution.resolve_method('fft', jnp.bfloat16, 1) == 'fft'
+  assert convolution.resolve_method('patches', None, many) == 'patches'
 
 
 def test_bfloat16_compute_is_close_and_returns_float32():
@@ -80,3 +102,9 @@ def test_errors_name_the_problem():
     convolution.conv2d(jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 1, 4)))
   with pytest.raises(ValueError, match='square'):
     convolution.conv2d(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 2, 1, 4)))
+  with pytest.raises(ValueError, match='does not fit'):
+    convolution.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((5, 5, 1, 1)),
+                       method='fft')
+  with pytest.raises(ValueError, match="conv method 'direct'"):
+    convolution.conv2d(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 4)),
+                       method='direct')

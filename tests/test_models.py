@@ -71,6 +71,18 @@ def test_outputs(small_model_and_params):
   assert bool(jnp.all((output.lengths >= 0) & (output.lengths < 1)))
 
 
+def test_conv_methods_give_the_same_network(small_model_and_params):
+  """The same parameters under 'patches' and 'fft' convolutions."""
+  model, params, images = small_model_and_params
+  outputs = {
+      method: jax.jit(model.clone(conv_method=method).apply)(
+          {'params': params}, images)
+      for method in ('patches', 'fft')
+  }
+  chex.assert_trees_all_close(outputs['patches'], outputs['fft'],
+                              rtol=1e-4, atol=1e-5)
+
+
 def test_prediction_does_not_depend_on_the_batch(small_model_and_params):
   model, params, images = small_model_and_params
   apply = jax.jit(model.apply)

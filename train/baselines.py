@@ -76,7 +76,8 @@ def conv(features: int, kernel_size: int, images: jax.Array,
     after = (kernel_size - 1) - before
     images = jnp.pad(images,
                      ((0, 0), (before, after), (before, after), (0, 0)))
-  return capsjax.Conv2D(features, kernel_size, dtype=dtype, name=name)(images)
+  return capsjax.Conv2D(features, kernel_size, dtype=dtype, method='patches',
+                        name=name)(images)
 
 
 def _pool(images: jax.Array, kind: str) -> jax.Array:

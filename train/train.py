@@ -71,6 +71,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
           'must be >= 1')
   require(config.precision in PRECISIONS, 'precision',
           f'must be one of {tuple(PRECISIONS)}')
+  require(conv_method(config) in capsjax.convolution.METHODS,
+          'model.conv_method',
+          f'must be one of {capsjax.convolution.METHODS}')
   for field in ('batch_size', 'eval_batch_size'):
     require(config[field] >= 1, field, 'must be >= 1')
     require(config[field] % num_devices == 0, field,
@@ -110,6 +113,11 @@ def config_value(config: ml_collections.ConfigDict, dotted_field: str) -> Any:
 # Model, optimizer, state.
 
 
+def conv_method(config: ml_collections.ConfigDict) -> str:
+  # config.json of workdirs from before the field: the default.
+  return config.model.get('conv_method', 'auto')
+
+
 def create_model(config: ml_collections.ConfigDict) -> capsjax.CapsNet:
   if experiments.is_baseline(config):  # config.model.name
     return experiments.create_baseline(config, PRECISIONS[config.precision])
@@ -126,6 +134,7 @@ def create_model(config: ml_collections.ConfigDict) -> capsjax.CapsNet:
       decoder_hidden_sizes=tuple(model_config.decoder_hidden_sizes),
       stop_gradient_intermediate=model_config.stop_gradient_intermediate,
       dtype=PRECISIONS[config.precision],
+      conv_method=conv_method(config),
   )
 
 

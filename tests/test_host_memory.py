@@ -1,0 +1,66 @@
+"""train/host_memory.py: freed host memory stays in the process."""
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from train import host_memory
+
+# Allocates, touches and frees 256 MB in a thread other than the main one
+# (as XLA's workers do), then prints how much of it the process still holds.
+_PROBE = '''
+import ctypes, os, sys, threading
+from train import host_memory
+applied = sys.argv[1] == 'reuse' and host_memory.reuse_freed_host_memory()
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+page = os.sysconf('SC_PAGE_SIZE')
+def resident():
+  return int(open('/proc/self/statm').read().split()[1]) * page
+size = 256 << 20
+kept = []
+def allocate_and_free():
+  before = resident()
+  pointer = libc.malloc(size)
+  ctypes.memset(pointer, 1, size)
+  libc.free(pointer)
+  kept.append(resident() - before)
+thread = threading.Thread(target=allocate_and_free)
+thread.start()
+thread.join()
+print(applied, kept[0])
+'''
+
+glibc_only = pytest.mark.skipif(
+    platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc',
+    reason='mallopt is glibc only')
+
+
+def _probe(mode: str) -> tuple[str, int]:
+  output = subprocess.run([sys.executable, '-c', _PROBE, mode], check=True,
+                          capture_output=True, text=True).stdout.split()
+  return output[0], int(output[1])
+
+
+@glibc_only
+def test_freed_memory_is_kept_for_reuse():
+  applied, kept = _probe('reuse')
+  assert applied == 'True'
+  assert kept > 200 << 20, kept  # 256 MB freed, still resident.
+
+
+@glibc_only
+def test_by_default_glibc_unmaps_it():
+  """The contrast: without the settings the same pages go back to the
+  system, which is what makes each XLA step fault them in again."""
+  applied, kept = _probe('system')
+  assert applied == 'False'
+  assert kept < 50 << 20, kept
+
+
+def test_trim_threshold_fits_mallopts_int():
+  assert 0 < host_memory.TRIM_THRESHOLD_BYTES <= 2**31 - 1

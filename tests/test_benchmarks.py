@@ -179,10 +179,14 @@ def test_train_step(tmp_path, capsys):
   assert set(report['results']) == {'bfloat16'}
   for precision, result in report['results'].items():
     for key in ('median_step_s', 'min_step_s', 'max_step_s', 'images_per_s',
-                'compile_s', 'flops_per_step', 'flops_analytic',
+                'compile_s', 'flops_per_step', 'flops_executed',
                 'flops_per_s', 'fraction_of_matmul_peak'):
       assert positive(result[key]), (precision, key)
-    assert result['flops_source'] in ('cost_analysis', 'analytic')
+    # Model FLOPs (the direct method's), whatever the convolution executes.
+    assert result['flops_source'] == 'analytic'
+    assert result['flops_per_step'] == common.capsnet_step_flops(
+        common.make_config(batch_size=2, precision=precision,
+                                      small=True), 2)
     assert result['step_times_s'] and all(map(positive,
                                               result['step_times_s']))
     check_memory(result['memory'], precision)
@@ -257,3 +261,30 @@ def test_scripts_run_from_the_command_line():
         capture_output=True, text=True, timeout=120, check=False)
     assert process.returncode == 0, process.stderr
     assert '--out' in process.stdout
+
+
+def test_summarize_takes_medians_over_runs(tmp_path):
+  from benchmarks import summarize  # pylint: disable=g-import-not-at-top
+
+  def report(jax_s, torch_s, **settings):
+    return {
+        'settings': {'batch_size': 128, 'conv_method': 'auto',
+                     'reuse_freed_host_memory': True, **settings},
+        'results': {'float32': {'median_step_s': jax_s}},
+        'torch': {'results': {'float32': {'median_step_s': torch_s}}},
+    }
+
+  for index, (jax_s, torch_s) in enumerate([(1.0, 2.0), (3.0, 2.5),
+                                            (2.0, 3.0)]):
+    (tmp_path / f'train_step_{index}.json').write_text(
+        json.dumps(report(jax_s, torch_s)))
+  (tmp_path / 'train_step_patches.json').write_text(json.dumps(
+      report(4.0, 2.0, conv_method='patches',
+             reuse_freed_host_memory=False)))
+  rows = summarize.table(tmp_path).splitlines()[2:]
+  assert rows == [
+      '| float32 | auto | freed memory reused | 2.00 s (1.00-3.00, 3 runs) '
+      '| 64.0 | 2.50 s (2.00-3.00, 3 runs) | 1.25x |',
+      '| float32 | patches | glibc default | 4.00 s (1 run) | 32.0 '
+      '| 2.00 s (1 run) | 0.50x |',
+  ]

@@ -541,3 +541,28 @@ def test_mistake_is_a_one_line_error(error_runs, name):
   assert run.cpu_seconds < 15, (run.cpu_seconds, run.seconds)
   if name == 'truncated_idx':  # Checked before tfds writes anything.
     assert not list((tmp / 'tfds').rglob('dataset_info.json'))
+
+
+class _PendingStep:
+  """Stands in for a step's output arrays: records when it is waited on."""
+
+  def __init__(self, events: list[str]):
+    self.events = events
+
+  def block_until_ready(self):
+    self.events.append('waited for the step')
+    return self
+
+
+def test_progress_counts_completed_steps_not_queued_ones(capsys, monkeypatch):
+  """Dispatch is asynchronous: the bar waits for the step it reports."""
+  events: list[str] = []
+  progress = train.Progress(first_step=0, total_steps=10)
+  monkeypatch.setattr(
+      'builtins.print',
+      lambda *args, **kwargs: events.append('printed'))
+  progress.update(3, step_outputs=_PendingStep(events), force=True)
+  assert events == ['waited for the step', 'printed']
+  # Between prints it neither waits nor prints.
+  progress.update(4, step_outputs=_PendingStep(events))
+  assert events == ['waited for the step', 'printed']

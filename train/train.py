@@ -456,11 +456,17 @@ class Progress:
     self._interactive = os.isatty(1)
 
   def update(self, step: int, metrics: Metrics | None = None,
-             force: bool = False) -> None:
-    now = time.monotonic()
+             force: bool = False, step_outputs: Any = None) -> None:
+    """Reports `step` as done. `step_outputs`: arrays the step computes;
+    dispatch is asynchronous, so the bar waits for them before printing (at
+    most once per print interval), or it would count steps merely queued."""
     interval = 0.5 if self._interactive else 30.0
-    if not self._enabled or (not force and now - self._last_print < interval):
+    if not self._enabled or (not force and
+                             time.monotonic() - self._last_print < interval):
       return
+    if step_outputs is not None:
+      jax.block_until_ready(step_outputs)
+    now = time.monotonic()
     self._last_print = now
     done = step - self._first_step
     rate = done / max(now - self._start, 1e-9)
@@ -634,7 +640,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if step % config.log_every_steps == 0:
         progress.update(step, _mean_metrics(history[-config.log_every_steps:]))
       else:
-        progress.update(step)
+        progress.update(step, step_outputs=metrics)
       end_of_epoch = step % steps_per_epoch == 0
       if not (end_of_epoch or step == total_steps or
               step % config.checkpoint_every_steps == 0):

@@ -1,7 +1,7 @@
 """The results table: trained workdirs beside the paper's numbers.
 
     python -m train.results --workdirs=DIR1,DIR2,... \
-        [--robustness=OUT/robustness.json] [--out=results.md]
+        [--robustness=OUT1/robustness.json,...] [--out=results.md]
 
 For each workdir (a finished `python -m train.main` run) it reads
 `config.json`, `metrics.jsonl` and `test_results.json` and prints one
@@ -141,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--workdirs', required=True,
                       help='comma-separated finished workdirs')
   parser.add_argument('--robustness',
-                      help='robustness.json of python -m train.robustness')
+                      help='robustness.json files of python -m '
+                      'train.robustness, comma-separated')
   parser.add_argument('--out', help='also write the table here')
   args = parser.parse_args(argv)
   runs = []
@@ -155,7 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs.append(run)
   robustness = None
   if args.robustness:
-    results = json.loads(Path(args.robustness).read_text())
+    results = {}
+    for path in filter(None, args.robustness.split(',')):
+      results.update(json.loads(Path(path).read_text()))
     robustness = {}
     for name, result in results.items():
       robustness[name] = result

@@ -4,7 +4,6 @@ one-step training runs of the experiment configs with tiny models."""
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
@@ -14,15 +13,6 @@ from train import input_pipeline
 from train import train
 
 
-@pytest.fixture(autouse=True, scope='module')
-def fast_init_prng():
-  """'rbg' keys here: XLA:CPU compiles parameter initialisation with the
-  default threefry keys about 20x slower (measured 26 s against 1.2 s for a
-  tiny CapsNet's create_train_state); no test here depends on the values."""
-  previous = jax.config.jax_default_prng_impl
-  jax.config.update('jax_default_prng_impl', 'rbg')
-  yield
-  jax.config.update('jax_default_prng_impl', previous)
 
 
 @pytest.fixture(scope='module')

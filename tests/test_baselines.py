@@ -9,15 +9,8 @@ import pytest
 from train import baselines
 
 
-@pytest.fixture(autouse=True, scope='module')
-def fast_init_prng():
-  """'rbg' keys here: XLA:CPU compiles parameter initialisation with the
-  default threefry keys about 20x slower (measured 26 s against 1.2 s for a
-  tiny CapsNet's create_train_state); no test here depends on the values."""
-  previous = jax.config.jax_default_prng_impl
-  jax.config.update('jax_default_prng_impl', 'rbg')
-  yield
-  jax.config.update('jax_default_prng_impl', previous)
+# 'rbg' keys: see conftest.fast_init_prng.
+pytestmark = pytest.mark.usefixtures('fast_init_prng')
 
 
 def test_baseline_cnn_parameter_count_matches_the_paper():

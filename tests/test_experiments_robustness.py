@@ -7,7 +7,6 @@ import pytest
 
 from experiment_fixtures import check_run
 from experiment_fixtures import fake_loading  # pylint: disable=unused-import
-from experiment_fixtures import fast_init_prng  # pylint: disable=unused-import
 from experiment_fixtures import run
 from experiment_fixtures import small_splits  # pylint: disable=unused-import
 from experiment_fixtures import workdirs  # pylint: disable=unused-import
@@ -15,6 +14,9 @@ from train import robustness
 from train.configs import affnist
 from train.configs import baseline_cnn
 from train.configs import lenet5
+
+# 'rbg' keys: see conftest.fast_init_prng.
+pytestmark = pytest.mark.usefixtures('fast_init_prng')
 
 
 @pytest.mark.parametrize('name, make_config, image_size', [

@@ -29,6 +29,7 @@ One way to do each thing:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -254,6 +255,15 @@ def add_conv_method_argument(parser) -> None:
       '--conv-method', default='auto', choices=capsjax_convolution.METHODS,
       help="config.model.conv_method: 'auto' (FFT for float32 on CPU), "
       "'patches' or 'fft'")
+
+
+def make_parser(doc: str) -> argparse.ArgumentParser:
+  """A parser whose help is a script's docstring: its first line, then the
+  rest after the blank line as the epilogue."""
+  return argparse.ArgumentParser(
+      description=doc.split('\n', 1)[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=doc.split('\n', 2)[2])
 
 
 def add_allocator_argument(parser) -> None:

@@ -58,10 +58,7 @@ MNIST_SHAPE = (128, 1152, 10, 8, 16)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n', 1)[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog=__doc__.split('\n', 2)[2])
+  parser = common.make_parser(__doc__)
   parser.add_argument('--iterations', default='1,2,3,4,5',
                       help='routing iteration counts, comma-separated')
   parser.add_argument('--shape', default=','.join(map(str, MNIST_SHAPE)),

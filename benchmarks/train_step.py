@@ -70,10 +70,7 @@ MNIST_TRAIN_EXAMPLES = 55000  # 60,000 minus the 5,000 validation examples
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n', 1)[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog=__doc__.split('\n', 2)[2])
+  parser = common.make_parser(__doc__)
   parser.add_argument('--precision', default='float32,bfloat16',
                       help='config.precision values, comma-separated')
   parser.add_argument('--batch-size', type=int, default=128)

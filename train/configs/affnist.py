@@ -15,6 +15,7 @@ the translated MNIST test set.
 
 import ml_collections
 
+from train import configs
 from train.configs import default
 
 
@@ -29,12 +30,4 @@ def get_config(model: str = 'capsnet') -> ml_collections.ConfigDict:
   config.affnist.min_scale = 0.8
   config.affnist.max_scale = 1.2
   config.affnist.eval_seed = 0  # same validation shifts and test set always
-  if model == 'baseline_cnn':
-    from train.configs import baseline_cnn  # pylint: disable=g-import-not-at-top
-    baseline_cnn.set_model(config)
-  elif model == 'lenet5':
-    from train.configs import lenet5  # pylint: disable=g-import-not-at-top
-    lenet5.set_model(config)
-  elif model != 'capsnet':
-    raise ValueError(f'unknown model {model!r}')
-  return config
+  return configs.set_model(config, model)

@@ -14,6 +14,7 @@ longest capsules are its two labels.
 
 import ml_collections
 
+from train import configs
 from train.configs import default
 
 
@@ -33,12 +34,4 @@ def get_config(model: str = 'capsnet') -> ml_collections.ConfigDict:
   config.multimnist.test_pairs_per_digit = 0
   config.multimnist.eval_seed = 0  # the same evaluation pairs for every run
   config.num_reconstructions = 8
-  if model == 'baseline_cnn':
-    from train.configs import baseline_cnn  # pylint: disable=g-import-not-at-top
-    baseline_cnn.set_model(config)
-  elif model == 'lenet5':
-    from train.configs import lenet5  # pylint: disable=g-import-not-at-top
-    lenet5.set_model(config)
-  elif model != 'capsnet':
-    raise ValueError(f'unknown model {model!r}')
-  return config
+  return configs.set_model(config, model)

@@ -253,8 +253,8 @@ ALLOCATOR_ENVIRONMENT = {
 def add_conv_method_argument(parser) -> None:
   parser.add_argument(
       '--conv-method', default='auto', choices=capsjax_convolution.METHODS,
-      help="config.model.conv_method: 'auto' (FFT for float32 on CPU), "
-      "'patches' or 'fft'")
+      help="config.model.conv_method: 'auto' (Fourier for float32 on CPU), "
+      "'patches' or 'fourier'")
 
 
 def make_parser(doc: str) -> argparse.ArgumentParser:

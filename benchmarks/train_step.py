@@ -10,7 +10,7 @@ Fraction of the matmul peak: the step's model FLOPs (the analytic count of
 the direct method in benchmarks/common.py, 154 GFLOP at batch 128) over its
 median time, divided by the FLOP rate of a plain square `jnp.dot` of the
 same FLOP count and dtype timed in the same run (bfloat16: bfloat16 inputs,
-float32 accumulation and output, as the model's convolutions). The FFT
+float32 accumulation and output, as the model's convolutions). The Fourier
 convolution (config.model.conv_method 'auto' on CPU) executes fewer FLOPs
 than that, so this fraction is an effective one and may exceed 100%; the
 JSON also records `flops_executed`, XLA's `cost_analysis()` count (which
@@ -137,7 +137,7 @@ def time_step(config, base_state, batch, args) -> dict[str, Any]:
   step = common.benchmark_train_step(
       config, common.state_for(base_state, config), batch,
       repeats=args.steps, warmup=args.warmup)
-  # Model FLOPs: what the direct method computes. The FFT convolution
+  # Model FLOPs: what the direct method computes. The Fourier convolution
   # executes fewer (XLA's count of them is kept as flops_executed).
   flops = common.capsnet_step_flops(config, args.batch_size)
   source = 'analytic'

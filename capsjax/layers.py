@@ -23,11 +23,12 @@ Initializer = Callable[..., jax.Array]
 
 
 class Conv2D(nn.Module):
-  """VALID square convolution by patches @ kernel or FFT (`convolution`).
+  """VALID square convolution by patches @ kernel or the convolution theorem
+  (`convolution`).
 
   Same parameters ('kernel' HWIO, 'bias') and initialisers as `nn.Conv`, but
   its backward pass avoids XLA:CPU's slow strided-convolution gradient.
-  `method`: 'auto' (FFT for float32 on CPU), 'patches' or 'fft'.
+  `method`: 'auto' (Fourier for float32 on CPU), 'patches' or 'fourier'.
   """
 
   features: int

@@ -48,7 +48,8 @@ class CapsNet(nn.Module):
   # Compute dtype of the matmuls (convolutions, prediction vectors, decoder).
   dtype: Any = jnp.float32
   # How both convolutions are computed (`capsjax.convolution.conv2d`):
-  # 'auto' (FFT for float32 on CPU, else patches), 'patches' or 'fft'.
+  # 'auto' (Fourier for float32 on CPU, else patches), 'patches' or
+  # 'fourier'.
   conv_method: str = 'auto'
 
   @nn.compact

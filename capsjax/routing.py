@@ -42,6 +42,9 @@ def prediction_vectors(inputs: jax.Array, weights: jax.Array) -> jax.Array:
 
   Returns:
     u_hat, `(batch, in_capsules, out_capsules, out_dim)`.
+
+  Differentiable in reverse mode (its backward pass is written out, see
+  `_transform_backward`); not in forward mode.
   """
   if inputs.ndim != 3 or weights.ndim != 4:
     raise ValueError(
@@ -54,7 +57,39 @@ def prediction_vectors(inputs: jax.Array, weights: jax.Array) -> jax.Array:
         f'inputs {inputs.shape} do not match weights {weights.shape}: need '
         'inputs.shape[1:] == (weights.shape[0], weights.shape[2])'
     )
+  return _transform(inputs, weights)
+
+
+@jax.custom_vjp
+def _transform(inputs: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.einsum('bik,ijkd->bijd', inputs, weights)
+
+
+def _transform_forward(inputs, weights):
+  return _transform(inputs, weights), (inputs, weights)
+
+
+def _transform_backward(residuals, u_hat_cotangent):
+  """The gradients autodiff would give, with both products reading the
+  cotangent as the same `(in_capsules, batch, out * dim)` matrices.
+
+  In autodiff's orientation the two products want the cotangent in two
+  different layouts, and XLA:CPU then computes the whole routing backward
+  pass twice, once writing batch-minor. Measured at the MNIST shape, batch
+  128, prediction vectors + routing (r=3) forward + backward: 457 ms that
+  way, 171 ms this way.
+  """
+  inputs, weights = residuals
+  # (in, batch, in_dim) and (in, in_dim, out, dim).
+  inputs_cotangent = jax.lax.dot_general(
+      u_hat_cotangent, weights, (((2, 3), (1, 3)), ((1,), (0,))))
+  weights_cotangent = jax.lax.dot_general(
+      inputs, u_hat_cotangent, (((0,), (0,)), ((1,), (1,))))
+  return (jnp.transpose(inputs_cotangent, (1, 0, 2)),
+          jnp.transpose(weights_cotangent, (0, 2, 1, 3)))
+
+
+_transform.defvjp(_transform_forward, _transform_backward)
 
 
 def _agreement_update(

@@ -1,4 +1,4 @@
-"""Both convolution methods (patches @ kernel, FFT) equal lax's convolution."""
+"""Both convolution methods (patches @ kernel, Fourier) equal lax's convolution."""
 
 import chex
 import jax
@@ -17,11 +17,11 @@ def _reference_conv(images, kernel, stride):
   )
 
 
-@pytest.mark.parametrize('method', ['patches', 'fft'])
+@pytest.mark.parametrize('method', ['patches', 'fourier'])
 @pytest.mark.parametrize(
     'image_size,channels,features,kernel_size,stride',
     [(28, 1, 16, 9, 1), (20, 32, 24, 9, 2), (11, 3, 5, 3, 3), (7, 4, 4, 7, 1),
-     (13, 2, 3, 4, 2)],  # odd input with an even kernel: rfft's odd length
+     (13, 2, 3, 4, 2)],  # odd input, even kernel, 2 unused rows
 )
 def test_matches_lax_conv_value_and_gradients(
     image_size, channels, features, kernel_size, stride, method
@@ -58,7 +58,7 @@ def test_matches_lax_conv_value_and_gradients(
   )
 
 
-@pytest.mark.parametrize('method', ['patches', 'fft'])
+@pytest.mark.parametrize('method', ['patches', 'fourier'])
 def test_primary_caps_shape(method):
   images = jax.ShapeDtypeStruct((2, 20, 20, 256), jnp.float32)
   kernel = jax.ShapeDtypeStruct((9, 9, 256, 256), jnp.float32)
@@ -69,17 +69,17 @@ def test_primary_caps_shape(method):
   chex.assert_type(result, jnp.float32)
 
 
-def test_auto_picks_fft_only_where_it_pays():
+def test_auto_picks_fourier_only_where_it_pays():
   on_cpu = jax.default_backend() == 'cpu'
-  many = convolution.FFT_MIN_IN_CHANNELS
+  many = convolution.FOURIER_MIN_IN_CHANNELS
   assert convolution.resolve_method('auto', None, many) == (
-      'fft' if on_cpu else 'patches')
+      'fourier' if on_cpu else 'patches')
   assert convolution.resolve_method('auto', jnp.float32, many) == (
-      'fft' if on_cpu else 'patches')
-  # No bfloat16 FFT; few input channels: the transforms cost more.
+      'fourier' if on_cpu else 'patches')
+  # No bfloat16 transforms; few input channels: the transforms cost more.
   assert convolution.resolve_method('auto', jnp.bfloat16, many) == 'patches'
   assert convolution.resolve_method('auto', None, 1) == 'patches'
-  assert convolution.resolve_method('fft', jnp.bfloat16, 1) == 'fft'
+  assert convolution.resolve_method('fourier', jnp.bfloat16, 1) == 'fourier'
   assert convolution.resolve_method('patches', None, many) == 'patches'
 
 
@@ -104,7 +104,18 @@ def test_errors_name_the_problem():
     convolution.conv2d(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 2, 1, 4)))
   with pytest.raises(ValueError, match='does not fit'):
     convolution.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((5, 5, 1, 1)),
-                       method='fft')
+                       method='fourier')
   with pytest.raises(ValueError, match="conv method 'direct'"):
     convolution.conv2d(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 4)),
                        method='direct')
+
+
+@pytest.mark.parametrize('method', ['patches', 'fourier'])
+def test_rectangular_images(method):
+  # An even grid on one axis and an odd one (the half spectrum's axis) on
+  # the other: the Fourier method handles each axis on its own.
+  images = jax.random.normal(jax.random.key(3), (2, 10, 13, 3))
+  kernel = jax.random.normal(jax.random.key(4), (3, 3, 3, 2))
+  chex.assert_trees_all_close(
+      convolution.conv2d(images, kernel, 1, method=method),
+      _reference_conv(images, kernel, 1), rtol=1e-4, atol=1e-4)

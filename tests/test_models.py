@@ -72,14 +72,14 @@ def test_outputs(small_model_and_params):
 
 
 def test_conv_methods_give_the_same_network(small_model_and_params):
-  """The same parameters under 'patches' and 'fft' convolutions."""
+  """The same parameters under 'patches' and 'fourier' convolutions."""
   model, params, images = small_model_and_params
   outputs = {
       method: jax.jit(model.clone(conv_method=method).apply)(
           {'params': params}, images)
-      for method in ('patches', 'fft')
+      for method in ('patches', 'fourier')
   }
-  chex.assert_trees_all_close(outputs['patches'], outputs['fft'],
+  chex.assert_trees_all_close(outputs['patches'], outputs['fourier'],
                               rtol=1e-4, atol=1e-5)
 
 

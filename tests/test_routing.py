@@ -161,6 +161,32 @@ def test_prediction_vectors_are_per_pair_matrix_products():
   )
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_prediction_vector_gradients_are_autodiffs(dtype):
+  # The backward pass is written out (for XLA:CPU's layouts); it must be the
+  # derivative of the einsum, in each compute dtype.
+  inputs = jax.random.normal(jax.random.key(0), (3, 5, 4)).astype(dtype)
+  weights = jax.random.normal(jax.random.key(1), (5, 2, 4, 6)).astype(dtype)
+  cotangent = jax.random.normal(jax.random.key(2), (3, 5, 2, 6)).astype(dtype)
+
+  def gradients(transform):
+    return jax.vjp(transform, inputs, weights)[1](cotangent)
+
+  ours = gradients(routing.prediction_vectors)
+  expected = gradients(
+      lambda u, w: jnp.einsum('bik,ijkd->bijd', u, w))
+  chex.assert_trees_all_equal_dtypes(ours, expected)
+  chex.assert_trees_all_close(
+      jax.tree.map(lambda x: x.astype(jnp.float32), ours),
+      jax.tree.map(lambda x: x.astype(jnp.float32), expected),
+      rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5,
+      atol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
+  jax.test_util.check_grads(routing.prediction_vectors,
+                            (inputs.astype(jnp.float32),
+                             weights.astype(jnp.float32)),
+                            order=1, modes=['rev'], atol=1e-2, rtol=1e-2)
+
+
 def test_bad_arguments_name_the_problem():
   with pytest.raises(ValueError, match='num_iterations must be >= 1'):
     routing.dynamic_routing(_u_hat(), 0)

@@ -226,7 +226,9 @@ def conv2d_fourier(images: jax.Array, kernel: jax.Array, stride: int = 1
 
 # 'auto' uses the Fourier method from this many input channels on. With
 # few, the transforms of the (batch x out_channels) output maps cost more
-# than the direct products they save (conv1, 1 -> 256 channels).
+# than the direct products they save: conv1 (1 -> 256 channels, 9x9 on
+# 28x28, batch 128, + ReLU) measured 255 ms forward + backward against
+# 115 ms by patches.
 FOURIER_MIN_IN_CHANNELS = 64
 
 

@@ -24,15 +24,15 @@ on 28x28. ReLU and max-pooling by default (the modern variant most
 tutorials measure); `activation='tanh'`, `pooling='avg'` for the original
 style.
 
-Convolutions are `nn.Conv` (lax) by default. These are stride-1
-convolutions, whose gradient XLA:CPU computes well (the slow path that
-`capsjax.Conv2D` avoids is the strided one). Measured with
-`measure_step_time` at batch 8 on 28x28 (2 shared CPU cores, two runs each):
-BaselineCNN compile + first step 3.0-3.4 s with lax against 4.1-4.6 s with
-patches, then 1.64-1.77 s against 1.77-1.81 s per step; LeNet-5 2.1 s
-against 2.6 s to compile, the same 3 ms per step. `conv_implementation=
-'patches'` uses `capsjax.Conv2D` on a zero-padded input (same parameters,
-same maths).
+Convolutions: `conv_implementation` is 'lax' (`nn.Conv`, the module
+default) or a `capsjax.convolution` method on a zero-padded input (same
+parameters, same maths). The training program passes
+`config.model.conv_method` ('auto' by default: the convolution theorem for
+the 256-channel layers of BaselineCNN on CPU, patches elsewhere). Measured
+with `measure_step_time` at batch 32 on 28x28 (2 CPU cores, another job
+running): BaselineCNN 17.5 s per step with lax, 3.2 s with 'fourier'.
+Earlier, at batch 8: lax 1.64-1.77 s against 1.77-1.81 s by patches;
+LeNet-5 3 ms per step either way.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import capsjax
 
 Dtype = Any
-CONV_IMPLEMENTATIONS = ('patches', 'lax')
+CONV_IMPLEMENTATIONS = ('lax', *capsjax.convolution.METHODS)
 
 
 class ClassifierOutput(NamedTuple):
@@ -62,12 +62,13 @@ def conv(features: int, kernel_size: int, images: jax.Array,
          implementation: str, dtype: Dtype, name: str,
          padding: str = 'SAME') -> jax.Array:
   """A stride-1 convolution with bias, 'SAME' or 'VALID', as `nn.Conv`
-  ('lax') or `capsjax.Conv2D` ('patches'); parameters 'kernel' (HWIO) and
-  'bias' either way."""
+  ('lax') or `capsjax.Conv2D` ('auto', 'patches', 'fourier': its
+  `method`);
+  parameters 'kernel' (HWIO) and 'bias' either way."""
   if implementation == 'lax':
     return nn.Conv(features, (kernel_size, kernel_size), padding=padding,
                    dtype=dtype, name=name)(images).astype(jnp.float32)
-  if implementation != 'patches':
+  if implementation not in CONV_IMPLEMENTATIONS:
     raise ValueError(f'conv implementation {implementation!r} must be one of '
                      f'{CONV_IMPLEMENTATIONS}')
   if padding == 'SAME':
@@ -76,8 +77,8 @@ def conv(features: int, kernel_size: int, images: jax.Array,
     after = (kernel_size - 1) - before
     images = jnp.pad(images,
                      ((0, 0), (before, after), (before, after), (0, 0)))
-  return capsjax.Conv2D(features, kernel_size, dtype=dtype, method='patches',
-                        name=name)(images)
+  return capsjax.Conv2D(features, kernel_size, dtype=dtype,
+                        method=implementation, name=name)(images)
 
 
 def _pool(images: jax.Array, kind: str) -> jax.Array:

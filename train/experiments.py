@@ -113,8 +113,10 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
 # Models.
 
 
-def create_baseline(config: ml_collections.ConfigDict, dtype: Any):
-  """The baseline named by config.model.name, configured from the config."""
+def create_baseline(config: ml_collections.ConfigDict, dtype: Any,
+                    conv_method: str = 'auto'):
+  """The baseline named by config.model.name, configured from the config;
+  its convolutions by `capsjax.convolution.conv2d(method=conv_method)`."""
   name = model_name(config)
   if name == 'baseline_cnn':
     cnn = config.model.get('cnn', ml_collections.ConfigDict())
@@ -124,12 +126,13 @@ def create_baseline(config: ml_collections.ConfigDict, dtype: Any):
         hidden_sizes=tuple(cnn.get('hidden_sizes', (328, 192))),
         dropout_rate=cnn.get('dropout_rate', 0.5),
         pool_after=tuple(cnn.get('pool_after', ())),
-        dtype=dtype)
+        conv_implementation=conv_method, dtype=dtype)
   if name == 'lenet5':
     lenet = config.model.get('lenet', ml_collections.ConfigDict())
     return baselines.LeNet5(num_classes=NUM_CLASSES,
                             activation=lenet.get('activation', 'relu'),
-                            pooling=lenet.get('pooling', 'max'), dtype=dtype)
+                            pooling=lenet.get('pooling', 'max'),
+                            conv_implementation=conv_method, dtype=dtype)
   raise ValueError(f'config.model.name={name!r} is not a baseline')
 
 

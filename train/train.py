@@ -120,7 +120,8 @@ def conv_method(config: ml_collections.ConfigDict) -> str:
 
 def create_model(config: ml_collections.ConfigDict) -> capsjax.CapsNet:
   if experiments.is_baseline(config):  # config.model.name
-    return experiments.create_baseline(config, PRECISIONS[config.precision])
+    return experiments.create_baseline(config, PRECISIONS[config.precision],
+                                       conv_method(config))
   model_config = config.model
   return capsjax.CapsNet(
       num_classes=NUM_CLASSES,

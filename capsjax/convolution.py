@@ -10,9 +10,11 @@
   (19 x 10 of them) instead of one 20,736-long dot product per output
   position (6 x 6) and channel pair.
 - 'auto' (the default): 'fourier' for float32 on CPU with 64 input
-  channels or more, else 'patches'. The transforms are not safe in
-  bfloat16, accelerators run the direct method on their matrix units, and
-  with few input channels the transforms cost more than they save.
+  channels or more, else 'patches'. The Fourier method always computes in
+  float32 (its transforms would lose too much in bfloat16), so a bfloat16
+  compute dtype keeps the direct method in bfloat16; accelerators run the
+  direct method on their matrix units; and with few input channels the
+  transforms cost more than they save.
 
 XLA:CPU computes the input gradient of a strided convolution (e.g. the
 PrimaryCaps 9x9 stride-2 conv, 256 -> 256 channels) on a slow generic path:

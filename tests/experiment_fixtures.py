@@ -13,8 +13,6 @@ from train import input_pipeline
 from train import train
 
 
-
-
 @pytest.fixture(scope='module')
 def small_splits(mnist_idx_dir):
   """300 real MNIST test digits as a tiny Splits (read from the IDX files)."""

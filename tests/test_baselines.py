@@ -80,7 +80,7 @@ def test_capsjax_convolutions_match_lax_conv(make, implementation):
     return ours.apply(params, images).logits, lax.apply(params,
                                                         images).logits
 
-  chex.assert_trees_all_close(*run(images), atol=1e-4)
+  chex.assert_trees_all_close(*run(images), atol=1e-5)
 
 
 def test_dropout_only_when_not_deterministic():

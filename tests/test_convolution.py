@@ -76,7 +76,8 @@ def test_auto_picks_fourier_only_where_it_pays():
       'fourier' if on_cpu else 'patches')
   assert convolution.resolve_method('auto', jnp.float32, many) == (
       'fourier' if on_cpu else 'patches')
-  # No bfloat16 transforms; few input channels: the transforms cost more.
+  # bfloat16 keeps the direct method; few input channels: the transforms
+  # cost more.
   assert convolution.resolve_method('auto', jnp.bfloat16, many) == 'patches'
   assert convolution.resolve_method('auto', None, 1) == 'patches'
   assert convolution.resolve_method('fourier', jnp.bfloat16, 1) == 'fourier'

@@ -63,8 +63,7 @@ def conv(features: int, kernel_size: int, images: jax.Array,
          implementation: str, dtype: Dtype, name: str,
          padding: str = 'SAME') -> jax.Array:
   """A stride-1 convolution with bias, 'SAME' or 'VALID', as `nn.Conv`
-  ('lax') or `capsjax.Conv2D` ('auto', 'patches', 'fourier': its
-  `method`);
+  ('lax') or `capsjax.Conv2D` ('auto', 'patches', 'fourier': its `method`);
   parameters 'kernel' (HWIO) and 'bias' either way."""
   if implementation == 'lax':
     return nn.Conv(features, (kernel_size, kernel_size), padding=padding,

@@ -114,7 +114,7 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
 
 
 def create_baseline(config: ml_collections.ConfigDict, dtype: Any,
-                    conv_method: str = 'auto'):
+                    conv_method: str):
   """The baseline named by config.model.name, configured from the config;
   its convolutions by `capsjax.convolution.conv2d(method=conv_method)`."""
   name = model_name(config)

@@ -77,3 +77,44 @@ def test_capsule_lengths_shape_and_value():
 
 def test_exported_at_top_level():
   assert capsjax.squash is squash
+
+
+@pytest.mark.parametrize('dtype, largest', [
+    (jnp.float32, 3.4e38), (jnp.float32, 1e19), (jnp.float32, 1e-30),
+    (jnp.float16, 6.5e4), (jnp.float16, 300.0), (jnp.bfloat16, 3.3e38),
+])
+def test_finite_value_and_gradient_for_any_finite_input(dtype, largest):
+  # Squaring first overflowed: NaN from |s| ~ 1.8e19 in float32, ~ 256 in
+  # float16.
+  vectors = jnp.array([[largest, -largest / 2, largest / 4, 0.0],
+                       [0.0, 0.0, 0.0, 0.0]], dtype)
+  squashed = jax.jit(squash)(vectors)
+  assert squashed.dtype == dtype
+  chex.assert_tree_all_finite(squashed)
+  lengths = jnp.linalg.norm(squashed.astype(jnp.float32), axis=-1)
+  resolution = float(jnp.finfo(dtype).eps)
+  assert bool(jnp.all(lengths <= 1 + 2 * resolution)), lengths
+  # Direction kept: v is a positive multiple of s.
+  expected = jnp.array([1.0, -0.5, 0.25, 0.0]) / jnp.sqrt(1 + 0.25 + 1 / 16)
+  if largest >= 1:
+    chex.assert_trees_all_close(squashed[0].astype(jnp.float32), expected,
+                                atol=4 * resolution)
+  chex.assert_trees_all_equal(squashed[1], jnp.zeros(4, dtype))
+  gradient = jax.jit(jax.grad(
+      lambda v: jnp.sum(squash(v).astype(jnp.float32))))(vectors)
+  chex.assert_tree_all_finite(gradient)
+
+
+def test_gradient_equals_the_plain_formula_in_its_range():
+  vectors = _random_vectors((64, 8)) * jnp.logspace(-3, 3, 64)[:, None]
+
+  def plain(vectors):
+    squared = jnp.sum(jnp.square(vectors), -1, keepdims=True)
+    return squared / (1 + squared) / jnp.sqrt(squared + 1e-9) * vectors
+
+  weights = _random_vectors((64, 8), seed=2)
+  chex.assert_trees_all_close(squash(vectors), plain(vectors), atol=1e-6)
+  chex.assert_trees_all_close(
+      jax.grad(lambda v: jnp.sum(weights * squash(v)))(vectors),
+      jax.grad(lambda v: jnp.sum(weights * plain(v)))(vectors),
+      rtol=1e-4, atol=1e-6)

@@ -20,13 +20,17 @@ against `checksums.tsv` (sha256, next to this file) and then by us (md5).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import gzip
 import hashlib
+import json
 import os
+import shutil
 import struct
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -371,22 +375,94 @@ BUILDERS: dict[str, type[_IdxBuilder]] = {
 }
 
 
+PREPARED_RECORD = 'capsjax_prepared.json'
+
+
 def prepare(dataset: str, tfds_data_dir: str | os.PathLike,
             idx_dir: str | os.PathLike | None = None) -> _IdxBuilder:
   """Returns the builder of `dataset`, prepared in `tfds_data_dir`.
 
-  Prepares only if not already prepared. `idx_dir` holds the original IDX
-  files (verified before anything is written); None means download them.
+  On every call, before anything is read: the IDX files in `idx_dir` (None
+  means download them) are verified (`verify_idx_files`), and a prepared
+  dataset is checked against what was recorded when it was written
+  (`PREPARED_RECORD` beside it: the source files' names, sizes and md5
+  sums, and the sha256 of every prepared file). It is prepared again when it
+  is missing, damaged or from other files. Preparing happens under a lock in
+  `tfds_data_dir`, so runs sharing the folder never see a half-written one.
   """
-  builder = BUILDERS[check_dataset_name(dataset)](data_dir=os.fspath(
-      tfds_data_dir))
-  if builder.is_prepared():
-    return builder
+  check_dataset_name(dataset)
   if idx_dir is not None:
     verify_idx_files(dataset, idx_paths_in(idx_dir, dataset))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(
-          manual_dir=None if idx_dir is None else os.fspath(idx_dir),
-          try_download_gcs=False,
-      ))
-  return builder
+  tfds_data_dir = Path(tfds_data_dir).expanduser()
+  try:
+    tfds_data_dir.mkdir(parents=True, exist_ok=True)
+    lock_file = (tfds_data_dir / f'.capsjax_{dataset}.lock').open('a')
+  except OSError as error:
+    raise DataError(f'{tfds_data_dir}: cannot write the prepared dataset '
+                    f'there ({error.strerror or error})') from error
+  with lock_file:
+    fcntl.flock(lock_file, fcntl.LOCK_EX)  # Released on close or death.
+    builder, problem = _prepared_builder(dataset, tfds_data_dir)
+    if problem is None:
+      return builder
+    if problem != 'not prepared':
+      print(f'warning: prepared dataset {builder.data_dir}: {problem}; '
+            'preparing it again', flush=True)
+      shutil.rmtree(builder.data_dir, ignore_errors=True)
+      builder = BUILDERS[dataset](data_dir=os.fspath(tfds_data_dir))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=None if idx_dir is None else os.fspath(idx_dir),
+            try_download_gcs=False,
+        ))
+    record = {'source': _source_identity(dataset),
+              'prepared': _prepared_checksums(builder)}
+    (Path(builder.data_dir) / PREPARED_RECORD).write_text(
+        json.dumps(record, indent=1) + '\n')
+    return builder
+
+
+def _source_identity(dataset: str) -> dict[str, dict[str, Any]]:
+  """The files a dataset is prepared from: verified to be these originals."""
+  return {role: {'file': spec.filename, 'bytes': spec.num_bytes,
+                 'md5': spec.md5}
+          for role, spec in KNOWN_IDX_FILES[dataset].items()}
+
+
+def _prepared_checksums(builder: _IdxBuilder) -> dict[str, str]:
+  directory = Path(builder.data_dir)
+  return {str(path.relative_to(directory)): hashlib.sha256(
+      path.read_bytes()).hexdigest()
+          for path in sorted(directory.rglob('*'))
+          if path.is_file() and path.name != PREPARED_RECORD}
+
+
+def _prepared_builder(dataset: str, tfds_data_dir: Path
+                      ) -> tuple[_IdxBuilder, str | None]:
+  """(builder, None) if prepared and intact, else (builder, the problem)."""
+  builder_class = BUILDERS[dataset]
+  try:
+    builder = builder_class(data_dir=os.fspath(tfds_data_dir))
+    prepared = builder.is_prepared()
+  except Exception as error:  # pylint: disable=broad-except
+    # Unreadable tfds metadata: start from a clean folder.
+    folder = tfds_data_dir / builder_class.name / str(builder_class.VERSION)
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f'warning: prepared dataset {folder}: unreadable '
+          f'({type(error).__name__}); preparing it again', flush=True)
+    return builder_class(data_dir=os.fspath(tfds_data_dir)), 'not prepared'
+  if not prepared:
+    return builder, 'not prepared'
+  try:
+    record = json.loads((Path(builder.data_dir) / PREPARED_RECORD).read_text())
+  except (OSError, ValueError):
+    return builder, f'no valid {PREPARED_RECORD} (how it was made is unknown)'
+  if record.get('source') != _source_identity(dataset):
+    return builder, 'prepared from other source files'
+  checksums = _prepared_checksums(builder)
+  if record.get('prepared') != checksums:
+    damaged = sorted(name for name in set(checksums) | set(record['prepared'])
+                     if checksums.get(name) != record['prepared'].get(name))
+    return builder, (f'{len(damaged)} file(s) changed since it was prepared, '
+                     f'e.g. {damaged[0]}')
+  return builder, None

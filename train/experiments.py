@@ -91,12 +91,6 @@ def config_problems(config: ml_collections.ConfigDict
   return problems
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-  """Writes `workdir/config.json` (read back by `load_config`)."""
-  (Path(workdir) / 'config.json').write_text(
-      config.to_json_best_effort(indent=2) + '\n')
-
-
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
   """The config a run was started with (`workdir/config.json`); the default
   config, with a warning, for workdirs from before config.json existed."""
@@ -374,29 +368,16 @@ def restore_best(workdir: str | Path) -> Restored:
   else:
     shape = (28, 28, 1)
   state = jax.jit(lambda: train.create_train_state(config, shape))()
-  checkpoints = train.Checkpoints(workdir, config.get('keep_checkpoints', 3))
-  # Read only: unlike Checkpoints.restore_latest, never moves a checkpoint
-  # that fails to restore (e.g. with a config that does not match it).
+  # Read only: a damaged checkpoint is skipped, never moved.
+  checkpoints = train.Checkpoints(workdir, config.get('keep_checkpoints', 3),
+                                  read_only=True)
   try:
-    steps = sorted(checkpoints.manager.all_steps(), reverse=True)
-    progress, errors = None, []
-    for step in steps:
-      try:
-        latest, progress = checkpoints.restore(step, state)
-        break
-      except Exception as error:  # pylint: disable=broad-except
-        errors.append(f'step {step}: {type(error).__name__}: '
-                      f'{" ".join(str(error).split())[:200]}')
-    if progress is None:
-      raise FileNotFoundError(f'{workdir}: no readable checkpoint '
-                              f'({"; ".join(errors) or "none saved"})')
-    best_step = progress.get('best_step', -1)
-    if best_step >= 0 and best_step != int(latest.step):
-      state, _ = checkpoints.restore(best_step, state)
-    else:
-      state = latest
+    restored = checkpoints.restore_best(state)
   finally:
     checkpoints.close()
+  if restored is None:
+    raise FileNotFoundError(f'{workdir}: no readable checkpoint')
+  state, _ = restored
   return Restored(config, state, int(state.step), shape)
 
 

@@ -5,23 +5,27 @@
 """
 
 import contextlib
+import logging as pylogging
 import sys
+from pathlib import Path
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from train import checkpoints
 from train import host_memory
 from train import train
 
 FLAGS = flags.FLAGS
 
 
-def fail(message: str) -> None:
-  """A wrong flag or setting: a one-line message, not a traceback."""
+def fail(message: str, status: int = 2) -> None:
+  """A wrong flag or setting (status 2) or a run that cannot go on (1): a
+  one-line message, not a traceback."""
   print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def unknown_config_field(argv: list[str], error: Exception) -> str | None:
@@ -70,6 +74,10 @@ flags.DEFINE_bool(
     'reuse_host_memory', True,
     'Keep freed host memory for the next step instead of unmapping it '
     '(train/host_memory.py: a 1.3x faster CapsNet step on CPU).')
+flags.DEFINE_bool(
+    'allow_config_change', False,
+    'Resume the run in --workdir even though this config changes its model, '
+    'data or optimisation (by default such a rerun is refused).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -80,18 +88,59 @@ def parse_flags(argv: list[str]) -> list[str]:
       return FLAGS(argv)
     except flags.Error as error:
       fail(str(error))
+    except SyntaxError as error:  # In the --config file.
+      fail(config_file_error(error.filename, error))
+
+
+def quiet_libraries() -> None:
+  """Only errors from libraries (orbax logs every save, tfds draws progress
+  bars) unless --verbosity (or -v) was given: the program prints its own
+  progress."""
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.ERROR)
+    pylogging.getLogger().setLevel(pylogging.ERROR)
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds.disable_progress_bar()
+
+
+def config_file_error(filename: str, error: BaseException) -> str:
+  """The one-line message of a config file that does not load."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  if isinstance(error, SyntaxError):
+    return (f'--config={filename}: line {error.lineno}: syntax error '
+            f'({error.msg})')
+  return (f'--config={filename}: cannot be loaded '
+          f'({type(error).__name__}: {" ".join(str(error).split())})')
+
+
+def loaded_config():
+  """FLAGS.config, or `fail` naming the config file and its problem."""
+  filename = FLAGS['config'].config_filename
+  if not Path(filename.split(':', 1)[0]).is_file():
+    fail(f'--config={filename}: no such file')
+  try:
+    config = FLAGS.config
+    config.get('dataset')  # ml_collections loads the file lazily.
+    return config
+  except Exception as error:  # pylint: disable=broad-except
+    fail(config_file_error(filename, error))
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    fail(f'unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)')
+  quiet_libraries()
+  config = loaded_config()
   if FLAGS.reuse_host_memory:
     host_memory.reuse_freed_host_memory()
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir,
+                             allow_config_change=FLAGS.allow_config_change)
   except train.ConfigError as error:
-    logging.error('%s', error)
     fail(str(error))
+  except (train.TrainingDiverged, checkpoints.CheckpointError) as error:
+    fail(str(error), status=1)
 
 
 if __name__ == '__main__':

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,15 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax.training import train_state
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import capsjax
 from capsjax import losses
+from train import checkpoints as checkpoints_lib
 from train import experiments
 from train import input_pipeline
+from train import workdir as workdir_lib
+from train.checkpoints import Checkpoints
 from train.datasets import DataError
 
 DATASETS = ('mnist', 'fashion_mnist') + experiments.DATASETS
@@ -82,6 +84,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
             f'must divide evenly over the {num_processes} processes')
   require(config.num_epochs >= 1 or config.max_steps >= 1, 'num_epochs',
           'must be >= 1 (or set max_steps)')
+  for field in ('learning_rate', 'learning_rate_decay_rate',
+                'reconstruction_weight', 'margin_positive', 'margin_negative',
+                'absent_class_weight', 'model.primary_capsule_scale'):
+    value = config_value(config, field)
+    require(isinstance(value, (int, float)) and math.isfinite(value), field,
+            'must be a finite number')
   require(config.learning_rate > 0, 'learning_rate', 'must be > 0')
   require(0 < config.learning_rate_decay_rate <= 1, 'learning_rate_decay_rate',
           'must be in (0, 1]')
@@ -211,6 +219,8 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array],
     return means['loss'], means
 
   gradients, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+  # Watched by the loop: a non-finite one stops the run before it is saved.
+  metrics['gradient_norm'] = optax.global_norm(gradients)
   return state.apply_gradients(grads=gradients), metrics
 
 
@@ -313,106 +323,7 @@ class DataParallel:
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints.
-
-
-class Checkpoints:
-  """Orbax checkpoints of the train state plus a JSON record of progress.
-
-  Keeps the last `keep` checkpoints and the best one by validation accuracy.
-  An unreadable checkpoint is reported and moved out of the way (to
-  `workdir/unreadable_checkpoints/`, never deleted), and the previous one is
-  used.
-  """
-
-  def __init__(self, workdir: Path, keep: int):
-    self.directory = (workdir / 'checkpoints').absolute()
-    self.quarantine = workdir.absolute() / 'unreadable_checkpoints'
-    self._keep = keep
-    self.manager = self._open()
-
-  def _open(self) -> ocp.CheckpointManager:
-    policies = ocp.checkpoint_managers
-    metric = lambda metrics: metrics['validation_accuracy']  # pylint: disable=unnecessary-lambda-assignment
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=policies.AnyPreservationPolicy([
-            policies.LatestN(n=self._keep),
-            policies.BestN(get_metric_fn=metric, n=1,
-                           keep_checkpoints_without_metrics=False),
-        ]),
-        # Only with best_fn set does orbax write the metrics to disk; without
-        # them, after a restart BestN sees none and deletes the best
-        # checkpoint at the next save.
-        best_fn=metric,
-        best_mode='max',
-        enable_async_checkpointing=True,
-    )
-    return ocp.CheckpointManager(self.directory, options=options)
-
-  def save(self, step: int, state, progress: dict[str, Any],
-           validation_accuracy: float | None = None) -> None:
-    metrics = (None if validation_accuracy is None else
-               {'validation_accuracy': validation_accuracy})
-    self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            progress=ocp.args.JsonSave(progress),
-        ),
-        metrics=metrics,
-    )
-
-  def restore(self, step: int, abstract_state):
-    restored = self.manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            progress=ocp.args.JsonRestore(),
-        ),
-    )
-    return restored['state'], restored['progress']
-
-  def restore_latest(self, abstract_state):
-    """(state, progress) of the newest readable checkpoint, or None."""
-    self.manager.wait_until_finished()
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        return self.restore(step, abstract_state)
-      except Exception as error:  # pylint: disable=broad-except
-        self._set_aside(step, error)
-    return None
-
-  def _set_aside(self, step: int, error: Exception) -> None:
-    message = (f'checkpoint {self.directory / str(step)} is unreadable '
-               f'({type(error).__name__}: {_one_line(error)}); using the '
-               'previous one')
-    logging.error('%s', message)
-    print(f'warning: {message}', flush=True)
-    if jax.process_index() == 0:
-      self.quarantine.mkdir(parents=True, exist_ok=True)
-      destination = self.quarantine / f'{step}-{int(time.time())}'
-      shutil.move(str(self.directory / str(step)), str(destination))
-      logging.error('moved it to %s', destination)
-    multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
-    self.manager.close()
-    self.manager = self._open()
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
-# ---------------------------------------------------------------------------
 # Logging.
-
-
-def _one_line(error: Exception, limit: int = 300) -> str:
-  """An exception's message on one line (TensorStore's span many)."""
-  text = ' '.join(str(error).split())
-  return text if len(text) <= limit else text[:limit] + '...'
 
 
 class MetricsLog:
@@ -433,7 +344,7 @@ class MetricsLog:
     if not self._enabled:
       return
     with self._path.open('a') as file:
-      file.write(json.dumps(record) + '\n')
+      file.write(checkpoints_lib.strict_json(record) + '\n')
     step = record['step']
     for name, value in record.items():
       if isinstance(value, float):
@@ -495,10 +406,66 @@ def _format_seconds(seconds: float) -> str:
   return f'{hours}:{minutes:02d}:{seconds:02d}'
 
 
-def _mean_metrics(history: list[dict[str, jax.Array]]) -> Metrics:
-  stacked = jax.device_get(history)
-  return {name: float(np.mean([record[name] for record in stacked]))
-          for name in stacked[0]}
+class TrainingDiverged(RuntimeError):
+  """A non-finite loss or gradient norm; nothing after it was saved."""
+
+
+class EpochMetrics:
+  """Running sums of the training metrics of the epoch in progress.
+
+  A step's metrics stay on the device until `fold`, which adds them to the
+  sums in step order (so the sums do not depend on when folds happen) and
+  checks that the loss and gradient norm are finite. The sums go into every
+  checkpoint, so the record of an epoch interrupted by a restart equals
+  that of an uninterrupted one.
+  """
+
+  WATCHED = ('loss', 'gradient_norm')
+
+  def __init__(self, saved: dict[str, Any] | None = None):
+    saved = saved or {}
+    self.sums: dict[str, float] = dict(saved.get('sums', {}))
+    self.steps: int = saved.get('steps', 0)
+    self._seconds: float = saved.get('seconds', 0.0)
+    self._since = time.monotonic()
+    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self._pending.append((step, metrics))
+
+  def fold(self) -> Metrics:
+    """Adds the pending steps to the sums and returns their means.
+
+    Raises:
+      TrainingDiverged: a watched metric is not finite (the sums keep only
+        the steps before it).
+    """
+    pending, self._pending = self._pending, []
+    if not pending:
+      return {}
+    values = jax.device_get([metrics for _, metrics in pending])
+    for (step, _), record in zip(pending, values):
+      for name in self.WATCHED:
+        if not math.isfinite(float(record[name])):
+          raise TrainingDiverged(
+              f'step {step}: {name} is {float(record[name])}')
+      for name, value in record.items():
+        self.sums[name] = self.sums.get(name, 0.0) + float(value)
+      self.steps += 1
+    return {name: float(np.mean([record[name] for record in values]))
+            for name in values[0]}
+
+  def seconds(self) -> float:
+    """Training seconds of this epoch, over every restart."""
+    return self._seconds + time.monotonic() - self._since
+
+  def means(self) -> Metrics:
+    return {name: total / self.steps for name, total in self.sums.items()}
+
+  def state(self) -> dict[str, Any]:
+    """What a checkpoint keeps (call after `fold`)."""
+    return {'sums': dict(self.sums), 'steps': self.steps,
+            'seconds': self.seconds()}
 
 
 # ---------------------------------------------------------------------------
@@ -555,21 +522,48 @@ def _limit(images: np.ndarray, labels: np.ndarray, limit: int):
   return (images, labels) if limit <= 0 else (images[:limit], labels[:limit])
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: bool = False) -> dict[str, Any]:
   """Trains, keeps the best checkpoint on validation, tests it.
+
+  Everything about the config and the workdir is checked before anything is
+  written or compiled; a rerun in the same workdir resumes the run.
+
+  Args:
+    config: the run's config (`train/configs/default.py`).
+    workdir: the run's folder; a rerun must keep the config of the run in it
+      except for `workdir.CHANGEABLE_FIELDS`, unless `allow_config_change`.
+    allow_config_change: resume the run in `workdir` with this config even
+      where it changes the model, data or optimisation.
 
   Returns:
     The final test metrics of the best-on-validation checkpoint and where it
     came from (also written to `workdir/test_results.json`).
+
+  Raises:
+    ConfigError: an impossible setting, or an unusable workdir or data.
+    TrainingDiverged: a non-finite loss or gradient norm.
+    checkpoints.CheckpointError: a checkpoint could not be saved.
   """
   maybe_initialize_distributed(config)
   validate_config(config, jax.device_count(), jax.process_count())
-  workdir_path = Path(workdir).expanduser().absolute()
-  workdir_path.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    experiments.save_config(config, workdir_path)  # read by robustness.py
+  try:
+    workdir_path = workdir_lib.prepare(workdir)
+    lock = workdir_lib.Lock(workdir_path) if jax.process_index() == 0 else None
+    from train.configs import default  # pylint: disable=g-import-not-at-top
+    config_changes = workdir_lib.check_config(
+        workdir_path, config, default.get_config(), allow_config_change)
+  except workdir_lib.WorkdirError as error:
+    raise ConfigError(str(error)) from error
+  try:
+    return _train_and_evaluate(config, workdir_path, config_changes)
+  finally:
+    if lock is not None:
+      lock.release()
 
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: Path,
+                        config_changes: dict[str, Any]) -> dict[str, Any]:
   # Data: process 0 prepares the tfds files once, the others then read them.
   tfds_data_dir = os.path.expanduser(config.tfds_data_dir)
   load = functools.partial(input_pipeline.load_splits,
@@ -588,6 +582,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     field = 'data_dir' if config.data_dir else 'dataset'
     raise ConfigError(
         f'config.{field}={config[field]!r}: {error}') from error
+  if jax.process_index() == 0:
+    workdir_lib.save_config(workdir_path, config)  # read by robustness.py
   train_data = _limit(splits.train_images, splits.train_labels,
                       config.num_train_examples)
   validation = _limit(splits.validation_images, splits.validation_labels,
@@ -609,7 +605,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   state = jax.jit(functools.partial(create_train_state, config, image_shape),
                   out_shardings=parallel.replicated)()
   checkpoints = Checkpoints(workdir_path, config.keep_checkpoints)
-  progress_record = {'best_validation_accuracy': -1.0, 'best_step': -1}
+  progress_record: dict[str, Any] = {}
   restored = checkpoints.restore_latest(state)
   if restored is not None:
     state, progress_record = restored
@@ -625,58 +621,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                       config=config))
   metrics_log = MetricsLog(workdir_path)
   first_step = int(state.step)
+  if config_changes:
+    metrics_log.write({'kind': 'config_change', 'step': first_step,
+                       'changes': config_changes})
+  if jax.process_index() == 0:
+    print(f'{experiments.model_name(config)} on {config.dataset}, '
+          f'{total_steps} steps ({steps_per_epoch} an epoch), batch '
+          f'{config.batch_size}, {config.precision}, {jax.device_count()} '
+          f'{jax.devices()[0].platform} device(s), workdir {workdir_path}',
+          flush=True)
   progress = Progress(first_step, total_steps)
-  history: list[dict[str, jax.Array]] = []
+  epoch = EpochMetrics(progress_record.get('epoch'))
+  train_seconds = progress_record.get('train_seconds', 0.0)
+  run_start = time.monotonic()
   batches = input_pipeline.prefetch(
       experiments.train_batches(
           config, train_data, config.batch_size, config.seed,
           start_step=first_step, num_steps=max(total_steps - first_step, 0),
           process_index=jax.process_index(),
           process_count=jax.process_count(), max_shift=config.max_shift))
-  epoch_start = time.monotonic()
   try:
     for step in range(first_step + 1, total_steps + 1):
       state, metrics = step_fn(state, parallel.global_batch(next(batches)))
-      history.append(metrics)
-      if step % config.log_every_steps == 0:
-        progress.update(step, _mean_metrics(history[-config.log_every_steps:]))
+      epoch.add(step, metrics)
+      end_of_epoch = step % steps_per_epoch == 0
+      saving = (end_of_epoch or step == total_steps or
+                step % config.checkpoint_every_steps == 0)
+      if step % config.log_every_steps == 0 or saving:
+        recent = epoch.fold()
+        if step % config.log_every_steps == 0:
+          progress.update(step, recent)
       else:
         progress.update(step, step_outputs=metrics)
-      end_of_epoch = step % steps_per_epoch == 0
-      if not (end_of_epoch or step == total_steps or
-              step % config.checkpoint_every_steps == 0):
+      if not saving:
         continue
       validation_accuracy = None
       if end_of_epoch or step == total_steps:
-        train_metrics = _mean_metrics(history)
-        history = []
         validation_metrics = evaluate(eval_fn, state.params, *validation,
                                       config, parallel)
         validation_accuracy = validation_metrics['accuracy']
         record = {
             'kind': 'epoch', 'step': step,
             'epoch': step / steps_per_epoch,
-            'seconds': time.monotonic() - epoch_start,
-            **{f'train_{k}': v for k, v in train_metrics.items()},
+            'seconds': epoch.seconds(),
+            **{f'train_{k}': v for k, v in epoch.means().items()},
             **{f'validation_{k}': v for k, v in validation_metrics.items()
                if k != 'count'},
         }
         metrics_log.write(record)
         progress.update(step, force=True)
         if jax.process_index() == 0:
-          print('\n' + json.dumps(record), flush=True)
-        if validation_accuracy > progress_record['best_validation_accuracy']:
-          progress_record = {'best_validation_accuracy': validation_accuracy,
-                             'best_step': step}
-        epoch_start = time.monotonic()
-      checkpoints.save(step, state, progress_record, validation_accuracy)
+          print('\n' + _epoch_line(record), flush=True)
+        if end_of_epoch:  # A run's last, partial epoch goes on if resumed.
+          epoch = EpochMetrics()
+      checkpoints.save(step, state, {
+          'epoch': epoch.state(),
+          'train_seconds': train_seconds + time.monotonic() - run_start,
+      }, validation_accuracy)
+  except TrainingDiverged as error:
+    checkpoints.wait()
+    last = checkpoints.steps()
+    raise TrainingDiverged(
+        f'training diverged at {error}; stopped without saving it; the last '
+        'good checkpoint is ' + (f'step {last[-1]} in {checkpoints.directory}'
+                                 if last else 'none (none was saved)')
+    ) from None
   finally:
     batches.close()
     progress.close()
-    checkpoints.wait()
+  checkpoints.wait()
 
-  results = _test_best(config, checkpoints, state, progress_record, test,
-                       eval_fn, parallel, workdir_path)
+  results = _test_best(config, checkpoints, state, test, eval_fn, parallel,
+                       workdir_path)
   metrics_log.write({'kind': 'test', 'step': int(state.step),
                      **{k: v for k, v in results.items()
                         if isinstance(v, float)}})
@@ -685,18 +701,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   return results
 
 
-def _test_best(config, checkpoints: Checkpoints, state, progress_record,
-               test, eval_fn, parallel: DataParallel,
-               workdir: Path) -> dict[str, Any]:
+def _epoch_line(record: dict[str, Any]) -> str:
+  """An epoch record for people (the JSON goes to metrics.jsonl)."""
+  return (f"epoch {record['epoch']:g} (step {record['step']}, "
+          f"{_format_seconds(record['seconds'])}): "
+          f"train loss {record['train_loss']:.4f} "
+          f"accuracy {100 * record['train_accuracy']:.2f}% | "
+          f"validation loss {record['validation_loss']:.4f} "
+          f"accuracy {100 * record['validation_accuracy']:.2f}%")
+
+
+def _test_best(config, checkpoints: Checkpoints, state, test, eval_fn,
+               parallel: DataParallel, workdir: Path) -> dict[str, Any]:
   """Evaluates the best-on-validation checkpoint on the test set."""
-  best_step = progress_record['best_step']
-  if best_step >= 0 and best_step != int(state.step):
-    state, _ = checkpoints.restore(best_step, state)
+  best_step = checkpoints.best_step()
+  if best_step is not None and best_step != int(state.step):
+    # Damaged: set aside, and the best of the others is used.
+    state, _ = checkpoints.restore_best(state)
     state = jax.device_put(state, parallel.replicated)
   test_metrics = evaluate(eval_fn, state.params, *test, config, parallel)
   results = {
       'checkpoint_step': int(state.step),
-      'validation_accuracy': progress_record['best_validation_accuracy'],
+      'validation_accuracy': checkpoints.validation_accuracy(int(state.step)),
       'test_accuracy': test_metrics['accuracy'],
       'test_error': 1.0 - test_metrics['accuracy'],
       'test_loss': test_metrics['loss'],
@@ -711,8 +737,12 @@ def _test_best(config, checkpoints: Checkpoints, state, progress_record,
       save_reconstructions(workdir / 'reconstructions.png', images, labels,
                            jax.device_get(output))
   if jax.process_index() == 0:
-    (workdir / 'test_results.json').write_text(
-        json.dumps(results, indent=2) + '\n')
-    print('test of the best checkpoint on validation: ' + json.dumps(results),
-          flush=True)
+    text = checkpoints_lib.strict_json(results, indent=2)
+    temporary = workdir / 'test_results.json.tmp'
+    temporary.write_text(text + '\n')
+    temporary.replace(workdir / 'test_results.json')
+    print('test of the best checkpoint on validation: '
+          + checkpoints_lib.strict_json(results), flush=True)
+    print(f'results in {workdir}: test_results.json, metrics.jsonl, '
+          'tensorboard/, checkpoints/', flush=True)
   return results

@@ -227,11 +227,14 @@ class Runs:
     return self.directory / name
 
   def main(self, name: str, overrides: dict[str, Any], workdir: Path,
-           num_devices: int = 1, **env: str) -> Run:
-    """`python -m train.main` with SMALL, the data dirs and `overrides`."""
+           num_devices: int = 1, args: tuple[str, ...] = (),
+           **env: str) -> Run:
+    """`python -m train.main` with SMALL, the data dirs and `overrides`;
+    `args` come before the --config.FIELD flags (a --config=FILE must) and
+    may repeat --workdir to override it."""
     flags = config_flags({**SMALL, **self.data, **overrides})
     return Run(name, [sys.executable, '-m', 'train.main',
-                      f'--workdir={workdir}', *flags],
+                      f'--workdir={workdir}', *args, *flags],
                self.env(num_devices, **env), self.directory, workdir)
 
   def worker(self, name: str, num_devices: int = 1,
@@ -371,11 +374,19 @@ def test_killed_run_resumes_to_the_same_state(runs):
   # The best-on-validation bookkeeping was resumed too.
   assert (json.loads((workdir / 'test_results.json').read_text())
           == json.loads((reference_dir / 'test_results.json').read_text()))
-  final = read_records(workdir, 'epoch')[-1]
-  expected = read_records(reference_dir, 'epoch')[-1]
-  assert final['step'] == STEPS
-  for name in LOSS_FIELDS:
-    assert final[f'validation_{name}'] == expected[f'validation_{name}']
+  # Every epoch record, the training metrics too: the running sums of the
+  # epoch the kill interrupted were in its checkpoint.
+  epochs = read_records(workdir, 'epoch')
+  expected_epochs = read_records(reference_dir, 'epoch')
+  assert [record['step'] for record in epochs] == [8, STEPS]
+  for record, expected in zip(epochs, expected_epochs, strict=True):
+    for name in LOSS_FIELDS:
+      assert record[f'train_{name}'] == expected[f'train_{name}'], name
+      assert record[f'validation_{name}'] == expected[f'validation_{name}']
+    assert record['train_gradient_norm'] == expected['train_gradient_norm']
+  # Library INFO and WARNING lines stay out of a normal run's output.
+  assert not re.findall(r'^[IW]\d{4} ', resumed.stderr + resumed.stdout,
+                        re.MULTILINE), resumed.stderr[-2000:]
 
 
 def test_unreadable_checkpoint_is_set_aside(runs):
@@ -398,7 +409,8 @@ def test_unreadable_checkpoint_is_set_aside(runs):
   assert warning.endswith('using the previous one')
   assert f'resumed from the checkpoint at step {STEPS - 2}' in run.stdout
   # Moved aside whole, not deleted.
-  (moved,) = (workdir / 'unreadable_checkpoints').iterdir()
+  (moved,) = [path for path in (workdir / 'unreadable_checkpoints').iterdir()
+              if path.is_dir()]
   assert moved.name.startswith(f'{STEPS}-')
   assert sorted(str(path.relative_to(moved)) for path in moved.rglob('*')
                 if path.is_file()) == files
@@ -498,6 +510,14 @@ ERRORS = {
                        'tfds_data_dir': '{tmp}/tfds'}, 1,
                       ["config.data_dir='{tmp}/idx'",
                        '{tmp}/idx/train-labels-idx1-ubyte.gz: 14440 bytes']),
+    # The dataset is already prepared (in the shared tfds dir): the given
+    # files are checked all the same.
+    'truncated_idx_prepared': ({'data_dir': '{tmp}/idx'}, 1,
+                               ["config.data_dir='{tmp}/idx'",
+                                '{tmp}/idx/train-labels-idx1-ubyte.gz: '
+                                '14440 bytes']),
+    'infinite_learning_rate': ({'learning_rate': 'inf'}, 1,
+                               ['config.learning_rate=inf', 'finite']),
 }
 
 
@@ -509,7 +529,7 @@ def error_runs(runs, mnist_idx_dir, tmp_path_factory
   started = {}
   for name, (overrides, num_devices, _) in ERRORS.items():
     tmp = tmp_path_factory.mktemp(name)
-    if name == 'truncated_idx':
+    if name.startswith('truncated_idx'):
       make_truncated_idx_dir(mnist_idx_dir, tmp / 'idx')
     overrides = {key: str(value).format(tmp=tmp)
                  for key, value in overrides.items()}
@@ -541,6 +561,202 @@ def test_mistake_is_a_one_line_error(error_runs, name):
   assert run.cpu_seconds < 15, (run.cpu_seconds, run.seconds)
   if name == 'truncated_idx':  # Checked before tfds writes anything.
     assert not list((tmp / 'tfds').rglob('dataset_info.json'))
+
+
+def strict_json_files(workdir: Path) -> list[Path]:
+  """Every JSON file the run wrote, each checked to be strict JSON (no NaN
+  or Infinity)."""
+  def refuse(constant):
+    raise AssertionError(f'{constant} is not JSON')
+  paths = [path for path in workdir.rglob('*')
+           if path.is_file() and (path.suffix in ('.json', '.jsonl') or
+                                  path.name in ('metrics', 'metadata'))]
+  for path in paths:
+    for line in ([path.read_text()] if path.suffix != '.jsonl' else
+                 path.read_text().splitlines()):
+      json.loads(line, parse_constant=refuse)
+  return paths
+
+
+def one_error_line(run: Run, status: int) -> str:
+  run.wait()
+  assert run.process.returncode == status, run.stderr[-3000:]
+  lines = [line for line in run.stderr.splitlines() if line.startswith('error:')]
+  assert len(lines) == 1 and run.stderr.rstrip().endswith(lines[0]), (
+      run.stderr[-3000:])
+  assert 'Traceback' not in run.stderr
+  return lines[0]
+
+
+# ---------------------------------------------------------------------------
+# 6. What goes wrong in long runs.
+
+
+def test_tied_validation_accuracy_tests_a_kept_checkpoint(runs):
+  # A learning rate this small leaves the parameters unchanged in float32:
+  # every evaluation ties, and the later checkpoint is the one kept.
+  workdir = runs.workdir('tie')
+  run = runs.main('tie', {'learning_rate': 1e-30}, workdir).succeeded()
+
+  epochs = read_records(workdir, 'epoch')
+  assert len({record['validation_accuracy'] for record in epochs}) == 1
+  results = json.loads((workdir / 'test_results.json').read_text())
+  assert results['checkpoint_step'] == STEPS
+  assert results['checkpoint_step'] in checkpoint_steps(workdir)
+  assert 'test of the best checkpoint' in run.stdout
+
+
+def test_non_finite_loss_stops_before_saving(runs):
+  workdir = runs.workdir('diverged')
+  runs.main('diverged_start', {'max_steps': 4}, workdir).succeeded()
+  assert checkpoint_steps(workdir) == {2, 4}
+
+  run = runs.main('diverged', {'learning_rate': 1e30}, workdir,
+                  args=('--allow_config_change',))
+
+  line = one_error_line(run, 1)
+  match = re.fullmatch(
+      r'error: training diverged at step (\d+): (loss|gradient_norm) is '
+      r'(nan|inf|-inf); stopped without saving it; the last good checkpoint '
+      r'is step (\d+) in (.*)', line)
+  assert match, line
+  assert 4 < int(match[1]) <= 4 + SMALL['log_every_steps']
+  assert int(match[4]) == max(checkpoint_steps(workdir))
+  assert match[5] == str(workdir / 'checkpoints')
+  # Nothing non-finite was saved or tested, and every JSON file is strict.
+  assert max(checkpoint_steps(workdir)) < int(match[1])
+  # The only test results are those of the run that ended at step 4.
+  assert json.loads((workdir / 'test_results.json').read_text())[
+      'checkpoint_step'] <= 4
+  strict_json_files(workdir)
+  for step in checkpoint_steps(workdir):
+    for name, value in read_checkpoint(workdir, step).items():
+      assert np.all(np.isfinite(value)), (step, name)
+
+
+def test_changed_config_is_refused_before_anything_is_written(runs):
+  reference_dir = runs.reference().succeeded().workdir
+  workdir = runs.workdir('changed_config')
+  shutil.copytree(reference_dir, workdir)
+  saved_config = (workdir / 'config.json').read_bytes()
+  steps = checkpoint_steps(workdir)
+
+  run = runs.main('changed_config',
+                  {'model.conv_features': 8, 'routing_iterations': 2},
+                  workdir)
+
+  line = one_error_line(run, 2)
+  assert f'--workdir={workdir}' in line
+  assert 'model.conv_features 16 -> 8' in line
+  assert 'model.routing_iterations 3 -> 2' in line
+  assert '--allow_config_change' in line
+  assert (workdir / 'config.json').read_bytes() == saved_config
+  assert checkpoint_steps(workdir) == steps
+  assert not (workdir / 'unreadable_checkpoints').exists()
+
+
+@pytest.mark.parametrize('damage', ['metrics_json', 'array_bytes'])
+def test_damaged_best_checkpoint_is_set_aside(runs, damage):
+  reference_dir = runs.reference().succeeded().workdir
+  reference = json.loads((reference_dir / 'test_results.json').read_text())
+  best = reference['checkpoint_step']
+  assert best != STEPS, 'the reference run must have an older best'
+  workdir = runs.workdir(f'damaged_best_{damage}')
+  shutil.copytree(reference_dir, workdir)
+  folder = workdir / 'checkpoints' / str(best)
+  if damage == 'metrics_json':
+    (folder / 'metrics' / 'metrics').write_text('{"validation_acc')
+  else:  # A few KB overwritten inside the array data: loads silently.
+    data_file = max((path for path in (folder / 'state').rglob('*')
+                     if path.is_file()), key=lambda path: path.stat().st_size)
+    with data_file.open('r+b') as file:
+      file.seek(data_file.stat().st_size // 2)
+      file.write(bytes(4096))
+
+  run = runs.main(f'damaged_best_{damage}', {}, workdir).succeeded()
+
+  (warning,) = [line for line in run.stdout.splitlines()
+                if line.startswith('warning:')]
+  assert f'checkpoint {folder} is unreadable' in warning
+  assert not folder.exists()
+  (moved,) = [path for path in (workdir / 'unreadable_checkpoints').iterdir()
+              if path.is_dir()]
+  assert moved.name.startswith(f'{best}-')
+  # The best of the remaining checkpoints was tested.
+  results = json.loads((workdir / 'test_results.json').read_text())
+  assert results['checkpoint_step'] == STEPS
+
+
+def test_second_run_on_a_workdir_is_refused(runs):
+  workdir = runs.workdir('locked')
+  first = runs.main('locked_first', {}, workdir)
+  lock = workdir / '.lock'
+  deadline = time.monotonic() + TIMEOUT
+  while not (lock.exists() and lock.read_text().strip()):
+    assert first.poll() is None and time.monotonic() < deadline, (
+        first.stderr[-3000:])
+    time.sleep(0.02)
+
+  second = runs.main('locked_second', {}, workdir)
+
+  line = one_error_line(second, 2)
+  assert line == (f'error: --workdir={workdir}: in use by another run (pid '
+                  f'{first.process.pid}); wait for it to end or choose '
+                  'another --workdir')
+  first.succeeded()
+  assert [record['step'] for record in read_records(workdir, 'epoch')] == [
+      8, STEPS]
+
+
+def test_bad_workdir_and_config_file_are_one_line_errors(runs, tmp_path):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('')
+  bad_config = tmp_path / 'bad_config.py'
+  bad_config.write_text('def get_config(:\n')
+  cases = {
+      'workdir_is_a_file': ((f'--workdir={a_file}',),
+                            f'--workdir={a_file}: exists and is not a folder'),
+      'missing_config': ((f'--config={tmp_path}/none.py',),
+                         f'--config={tmp_path}/none.py: no such file'),
+      'config_syntax': ((f'--config={bad_config}',),
+                        f'--config={bad_config}: line 1: syntax error'),
+  }
+  started = {name: runs.main(name, {}, tmp_path / name, args=args)
+             for name, (args, _) in cases.items()}
+  for name, (_, expected) in cases.items():
+    assert expected in one_error_line(started[name], 2), name
+
+
+def test_kill_during_final_evaluation_or_save_loses_nothing(runs):
+  """SIGKILL just after the last epoch record (the final checkpoint and
+  test are under way) and at the first moment a checkpoint is being
+  written: each rerun ends as the uninterrupted run."""
+  reference_dir = runs.reference().succeeded().workdir
+  expected_results = json.loads(
+      (reference_dir / 'test_results.json').read_text())
+  killers = {
+      'final_evaluation': lambda run: (run.workdir / 'metrics.jsonl').exists()
+      and any(record['step'] == STEPS
+              for record in read_records(run.workdir, 'epoch')),
+      'checkpoint_save': lambda run: any(
+          'tmp' in path.name
+          for path in (run.workdir / 'checkpoints').glob('*'))
+      if (run.workdir / 'checkpoints').is_dir() else False,
+  }
+  for name, moment in killers.items():
+    workdir = runs.workdir(f'killed_{name}')
+    run = runs.main(f'killed_{name}', {}, workdir)
+    while run.poll() is None and not moment(run):
+      time.sleep(0.002)
+    assert run.poll() is None, f'{name}: the run ended before the moment'
+    run.kill()
+    runs.main(f'rerun_{name}', {}, workdir).succeeded()
+    # The same checkpoint tested; the loss to float rounding (the rerun may
+    # compile the evaluation alone).
+    assert json.loads((workdir / 'test_results.json').read_text()) == (
+        pytest.approx(expected_results, rel=1e-6)), name
+    assert_trees_equal(read_checkpoint(workdir, STEPS),
+                       read_checkpoint(reference_dir, STEPS))
 
 
 class _PendingStep:

@@ -83,13 +83,19 @@ flags.mark_flags_as_required(['workdir'])
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with every mistake a one-line `error: ...`."""
+  config_file = next((arg.split('=', 1)[1] for arg in argv[1:]
+                      if arg.startswith('--config=')), None)
+  if config_file and not Path(config_file.split(':', 1)[0]).is_file():
+    fail(f'--config={config_file}: no such file')
   with unknown_config_fields_fail():
     try:
       return FLAGS(argv)
     except flags.Error as error:
       fail(str(error))
-    except SyntaxError as error:  # In the --config file.
-      fail(config_file_error(error.filename, error))
+    except (SyntaxError, OSError, ImportError, NameError) as error:
+      # The --config file does not load (ml_collections loads it here when
+      # --config.FIELD overrides follow).
+      fail(config_file_error(config_file or '', error))
 
 
 def quiet_libraries() -> None:

@@ -340,7 +340,7 @@ def run_queue(rows: Sequence[Row], root: Path, records: Path) -> int:
   for row in rows:
     if (records / f'{row.name}.json').exists():
       continue
-    (root).mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     if not run_row(row, root, records):
       failed.append(row.name)
   return 1 if failed else 0
@@ -354,7 +354,7 @@ def _percent(value: float) -> str:
   return f'{100 * value:.2f}%'
 
 
-def docs_table(records: Path) -> str:
+def docs_table(records: Path, rows: Sequence[Row] = ROWS) -> str:
   """Markdown: every training record beside the paper, then robustness."""
   lines = [
       '| row | what | trained | time | best val. acc. (epoch) | '
@@ -362,7 +362,7 @@ def docs_table(records: Path) -> str:
       '| --- | --- | --- | --- | --- | --- | --- | --- |']
   robustness = []
   pending = []
-  for row in ROWS:
+  for row in rows:
     path = records / f'{row.name}.json'
     if not path.exists():
       pending.append(row.name)

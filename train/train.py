@@ -220,7 +220,7 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array],
 
   gradients, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
   # Watched by the loop: a non-finite one stops the run before it is saved.
-  metrics['gradient_norm'] = optax.global_norm(gradients)
+  metrics['gradient_norm'] = optax.tree.norm(gradients)
   return state.apply_gradients(grads=gradients), metrics
 
 
@@ -329,13 +329,27 @@ class DataParallel:
 class MetricsLog:
   """metrics.jsonl (one JSON object per record) and TensorBoard events.
 
-  Only process 0 writes.
+  Only process 0 writes. A run resumed at step s first drops the records
+  after s (and any test record) that the killed run wrote: they are written
+  again, so no step is recorded twice.
   """
 
-  def __init__(self, workdir: Path):
+  def __init__(self, workdir: Path, resumed_step: int = 0):
     self._enabled = jax.process_index() == 0
     self._path = workdir / 'metrics.jsonl'
     self._tensorboard = None
+    if self._enabled and self._path.exists():
+      kept = []
+      for line in self._path.read_text().splitlines():
+        try:
+          record = json.loads(line)
+        except ValueError:  # A line cut by a kill.
+          continue
+        if record['step'] <= resumed_step and record['kind'] != 'test':
+          kept.append(line + '\n')
+      temporary = self._path.with_suffix('.tmp')
+      temporary.write_text(''.join(kept))
+      temporary.replace(self._path)
     if self._enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tensorboard = SummaryWriter(str(workdir / 'tensorboard'))
@@ -619,8 +633,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: Path,
                     donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, apply_fn=state.apply_fn,
                                       config=config))
-  metrics_log = MetricsLog(workdir_path)
   first_step = int(state.step)
+  metrics_log = MetricsLog(workdir_path, resumed_step=first_step)
   if config_changes:
     metrics_log.write({'kind': 'config_change', 'step': first_step,
                        'changes': config_changes})

@@ -49,6 +49,7 @@ def prepare(workdir: str | os.PathLike) -> Path:
     probe.unlink()
   except OSError as error:
     reason = {errno.EACCES: 'not writable (permission denied)',
+              errno.EPERM: 'not writable (operation not permitted)',
               errno.EROFS: 'on a read-only file system',
               errno.ENOSPC: 'no space left on device'}.get(
                   error.errno, error.strerror or str(error))

@@ -1,0 +1,77 @@
+"""train/pretrained.py: shipped parameters, exported and loaded safely."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import datasets
+from train import experiments
+from train import input_pipeline
+from train import pretrained
+from train.configs import default
+
+from experiment_fixtures import fake_loading, run, small_splits, workdirs  # pylint: disable=unused-import,g-bad-import-order
+
+pytestmark = pytest.mark.usefixtures('fast_init_prng')
+
+
+def test_export_then_load_gives_the_best_checkpoint(workdirs, tmp_path_factory,
+                                                     tmp_path, small_splits):
+  workdir, results = run('capsnet', default.get_config, workdirs,
+                         tmp_path_factory)
+  path = pretrained.export(workdir, 'tiny', tmp_path)
+
+  # Plain arrays: numpy reads them without unpickling anything.
+  with np.load(path, allow_pickle=False) as arrays:
+    assert 'conv1/kernel' in arrays.files
+  meta = json.loads(path.with_suffix('.json').read_text())
+  assert meta['checkpoint_step'] == results['checkpoint_step']
+  assert meta['test_results'] == results
+  assert pretrained.available(tmp_path) == ['tiny']
+
+  model, params = pretrained.load('tiny', tmp_path)
+  expected = experiments.restore_best(workdir).state.params
+  chex.assert_trees_all_equal(params, jax.device_get(expected))
+  images = jnp.asarray(small_splits.test_images[:4])
+  output = model.apply({'params': params}, images)
+  chex.assert_shape(output.lengths, (4, 10))
+  chex.assert_shape(output.reconstructions, (4, 28, 28, 1))
+
+
+def test_damaged_or_unknown_file_is_refused(workdirs, tmp_path_factory,
+                                            tmp_path):
+  workdir, _ = run('capsnet', default.get_config, workdirs, tmp_path_factory)
+  path = pretrained.export(workdir, 'tiny', tmp_path)
+  with pytest.raises(pretrained.PretrainedError, match="no pretrained model "
+                     "'other'.*available: tiny"):
+    pretrained.load('other', tmp_path)
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  path.write_bytes(bytes(data))
+  with pytest.raises(pretrained.PretrainedError,
+                     match='does not match.*damaged'):
+    pretrained.load('tiny', tmp_path)
+
+
+@pytest.mark.skipif('mnist' not in pretrained.available(),
+                    reason='no shipped MNIST parameters')
+def test_shipped_mnist_model_classifies_real_test_digits(mnist_idx_dir):
+  model, params = pretrained.load('mnist')
+  meta = json.loads((pretrained.DIRECTORY / 'mnist.json').read_text())
+  count = 1000
+  spec = datasets.KNOWN_IDX_FILES['mnist']
+  images, labels = datasets.read_idx_split(
+      mnist_idx_dir / spec['test_images'].filename,
+      mnist_idx_dir / spec['test_labels'].filename)
+  images = jnp.asarray(input_pipeline.to_float_images(images[:count]))
+  predictions = jax.jit(lambda images: model.apply(
+      {'params': params}, images).lengths.argmax(-1))(images)
+  errors = int(np.sum(np.asarray(predictions) != labels[:count]))
+  # The model card's error over the whole test set is at most 0.35%; a
+  # slice of 1,000 digits may hold a few more of its errors.
+  assert meta['test_results']['test_error'] <= 0.0035
+  assert errors <= 8, errors

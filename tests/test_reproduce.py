@@ -1,0 +1,85 @@
+"""train/reproduce.py: the queue of runs, its status and its records."""
+
+import json
+
+import pytest
+
+from train import reproduce
+from train import workdir as workdir_lib
+
+
+@pytest.fixture
+def tiny_row(mnist_idx_dir, mnist_tfds_dir, monkeypatch):
+  """One epoch (8 steps of 8 examples) of a tiny CapsNet on real MNIST."""
+  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=0')
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  overrides = {
+      'num_epochs': 1, 'batch_size': 8, 'eval_batch_size': 50,
+      'num_train_examples': 64, 'num_eval_examples': 100,
+      'model.conv_features': 16, 'model.primary_capsule_types': 4,
+      'model.decoder_hidden_sizes': '(32,64)', 'num_reconstructions': 0,
+      'data_dir': mnist_idx_dir, 'tfds_data_dir': mnist_tfds_dir,
+  }
+  return reproduce.Row(name='tiny', what='a tiny CapsNet',
+                       paper='0.25% test error', paper_length='-',
+                       overrides=tuple(overrides.items()))
+
+
+def test_queue_runs_records_and_skips_finished_rows(tiny_row, tmp_path):
+  root, records = tmp_path / 'runs', tmp_path / 'records'
+  assert reproduce.status_line(tiny_row, root, records) == (
+      'tiny: pending, no epoch finished yet')
+
+  assert reproduce.run_queue([tiny_row], root, records) == 0
+
+  record = json.loads((records / 'tiny.json').read_text())
+  assert record['steps'] == 8 and record['epochs'] == 1
+  assert record['test'] == json.loads(
+      (root / 'tiny' / 'test_results.json').read_text())
+  assert record['test']['test_examples'] == 100
+  assert len(record['validation_curve']) == 1
+  assert record['config']['model']['conv_features'] == 16
+  assert record['commit'] and record['machine']['cpu_count'] >= 1
+  assert record['paper'] == '0.25% test error'
+  status = reproduce.status_line(tiny_row, root, records)
+  assert status == ('tiny: done, 1.0 epochs, test error '
+                    f"{100 * record['test']['test_error']:.2f}% (paper: "
+                    '0.25% test error)')
+  table = reproduce.docs_table(records, [tiny_row])
+  assert '| tiny | a tiny CapsNet | 1 epochs (8 steps) |' in table
+  assert '0.25% test error' in table
+
+  # A finished row is not run again.
+  log_size = (root / 'tiny.log').stat().st_size
+  assert reproduce.run_queue([tiny_row], root, records) == 0
+  assert (root / 'tiny.log').stat().st_size == log_size
+
+
+def test_status_of_running_and_stopped_rows(tiny_row, tmp_path):
+  root, records = tmp_path / 'runs', tmp_path / 'records'
+  workdir = root / 'tiny'
+  workdir.mkdir(parents=True)
+  (workdir / 'metrics.jsonl').write_text(json.dumps({
+      'kind': 'epoch', 'step': 4, 'epoch': 0.5, 'seconds': 1800.0,
+      'validation_accuracy': 0.9876}) + '\n')
+  assert reproduce.status_line(tiny_row, root, records) == (
+      'tiny: stopped at epoch 0.5 of 1, validation accuracy 98.76% (best '
+      '98.76%)')
+  lock = workdir_lib.Lock(workdir)
+  try:
+    assert reproduce.status_line(tiny_row, root, records) == (
+        'tiny: running, epoch 0.5 of 1, ETA 0.2 h, validation accuracy '
+        '98.76% (best 98.76%)')
+  finally:
+    lock.release()
+
+
+def test_rows_are_valid_and_unknown_rows_refused(capsys):
+  names = [row.name for row in reproduce.ROWS]
+  assert len(names) == len(set(names))
+  assert names[0] == 'mnist_r3_recon'
+  for row in reproduce.ROWS:
+    for name in row.robustness_of:
+      assert names.index(name) < names.index(row.name)
+  assert reproduce.main(['--root=/nonexistent', '--rows=nope']) == 2
+  assert 'unknown row(s) nope' in capsys.readouterr().err

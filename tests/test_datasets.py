@@ -5,8 +5,12 @@ import functools
 import gzip
 import hashlib
 import http.server
+import json
 import os
+import shutil
 import struct
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -282,3 +286,46 @@ def test_download_path_through_tfds(mnist_idx_dir, tmp_path, monkeypatch,
       downloaded = list((tmp_path / 'downloads').rglob('*-ubyte*.gz'))
       assert len(downloaded) == 4, sorted((tmp_path / 'downloads').rglob('*'))
       assert builder.info.splits['test'].num_examples == 1
+
+
+def test_damaged_prepared_dataset_is_prepared_again(mnist_idx_dir,
+                                                    mnist_tfds_dir, tmp_path,
+                                                    capsys):
+  tfds_dir = tmp_path / 'tfds'
+  shutil.copytree(mnist_tfds_dir, tfds_dir)
+  builder = datasets.CapsjaxMnist(data_dir=str(tfds_dir))
+  record = json.loads(
+      (Path(builder.data_dir) / datasets.PREPARED_RECORD).read_text())
+  assert set(record['source']) == set(datasets.ROLES)
+  test_file = next(Path(builder.data_dir).glob('*test.array_record*'))
+  original = test_file.read_bytes()
+  with test_file.open('r+b') as file:  # A few bytes inside the records.
+    file.seek(len(original) // 2)
+    file.write(b'\xff' * 64)
+
+  builder = datasets.prepare('mnist', tfds_dir, mnist_idx_dir)
+
+  warning = capsys.readouterr().out
+  assert f'warning: prepared dataset {builder.data_dir}' in warning
+  assert test_file.name in warning and 'preparing it again' in warning
+  assert test_file.read_bytes() == original
+  # Intact now: the next call neither warns nor prepares.
+  datasets.prepare('mnist', tfds_dir, mnist_idx_dir)
+  assert 'warning' not in capsys.readouterr().out
+
+
+def test_concurrent_prepare_writes_one_dataset(mnist_idx_dir, tmp_path):
+  script = ('import sys; from train import datasets; '
+            'datasets.prepare("mnist", sys.argv[1], sys.argv[2])')
+  tfds_dir = tmp_path / 'tfds'
+  processes = [subprocess.Popen(
+      [sys.executable, '-c', script, str(tfds_dir), str(mnist_idx_dir)],
+      cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT) for _ in range(2)]
+  outputs = [process.communicate(timeout=600)[0] for process in processes]
+  assert [process.returncode for process in processes] == [0, 0], outputs
+  builder = datasets.CapsjaxMnist(data_dir=str(tfds_dir))
+  assert builder.is_prepared()
+  # One complete dataset, matching the checksums recorded with it.
+  assert datasets._prepared_builder('mnist', tfds_dir)[1] is None  # pylint: disable=protected-access
+  assert not list((tfds_dir / 'capsjax_mnist').glob('*incomplete*'))

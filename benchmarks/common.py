@@ -21,7 +21,9 @@ One way to do each thing:
   default the process reuses freed host memory as `train/main.py` does
   (`train/host_memory.py`), and `ALLOCATOR_ENVIRONMENT` gives a child
   process (the PyTorch reference) the same settings.
-- `machine_info`: CPU model, cores, load, library versions.
+- `machine_info`: CPU model and flags, whether the CPU has bfloat16
+  instructions (`cpu_has_bfloat16`), cores, load, the JAX device, library
+  versions.
 - `write_json`, `format_table`, argument parsers.
 - The training-step set-up both scripts time the same way: `make_config`,
   `create_state`, `state_for`, `random_batch`, `benchmark_train_step`.
@@ -214,22 +216,43 @@ def benchmark_host(fn: Callable[[int], Any], repeats: int,
 # The machine.
 
 
-def _cpuinfo() -> dict[str, Any]:
+# The /proc/cpuinfo flags recorded with every figure.
+RECORDED_CPU_FLAGS = frozenset({
+    'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl', 'avx512_vnni',
+    'avx512_bf16', 'avx512_fp16', 'avx_vnni', 'amx_tile', 'amx_bf16',
+    'amx_int8'})
+# Either is bfloat16 arithmetic in hardware: AVX-512 bfloat16 dot products
+# (AMD Zen 4 and later, Intel Cooper Lake and later) or AMX tiles (Intel
+# Sapphire Rapids and later). Without them XLA emulates bfloat16 in float32,
+# slower than float32 itself.
+BFLOAT16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')
+
+
+def _cpuinfo(text: str | None = None) -> dict[str, Any]:
+  """CPU model and its recorded flags from /proc/cpuinfo (or `text`)."""
   info: dict[str, Any] = {}
-  try:
-    text = Path('/proc/cpuinfo').read_text()
-  except OSError:
-    return info
+  if text is None:
+    try:
+      text = Path('/proc/cpuinfo').read_text()
+    except OSError:
+      return info
   for line in text.splitlines():
     key, _, value = line.partition(':')
     key, value = key.strip(), value.strip()
     if key == 'model name' and 'cpu_model' not in info:
       info['cpu_model'] = value
     elif key == 'flags' and 'flags' not in info:
-      flags = set(value.split())
-      info['flags'] = sorted(flags & {'avx2', 'fma', 'avx512f', 'avx512_bf16',
-                                      'avx512_vnni', 'amx_bf16', 'amx_tile'})
+      info['flags'] = sorted(set(value.split()) & RECORDED_CPU_FLAGS)
   return info
+
+
+def cpu_has_bfloat16(cpuinfo_text: str | None = None) -> bool | None:
+  """Whether the CPU has bfloat16 instructions (`BFLOAT16_CPU_FLAGS`) per
+  /proc/cpuinfo (or `cpuinfo_text`); None where there is no such file."""
+  flags = _cpuinfo(cpuinfo_text).get('flags')
+  if flags is None:
+    return None
+  return any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
 
 
 def _memory_total_bytes() -> int | None:
@@ -253,8 +276,9 @@ ALLOCATOR_ENVIRONMENT = {
 def add_conv_method_argument(parser) -> None:
   parser.add_argument(
       '--conv-method', default='auto', choices=capsjax_convolution.METHODS,
-      help="config.model.conv_method: 'auto' (Fourier for float32 on CPU), "
-      "'patches' or 'fourier'")
+      help="config.model.conv_method: 'auto' (Fourier on CPU for the "
+      "PrimaryCaps convolution, lax off the CPU), 'patches', 'fourier' or "
+      "'lax'")
 
 
 def make_parser(doc: str) -> argparse.ArgumentParser:
@@ -284,9 +308,11 @@ def machine_info() -> dict[str, Any]:
   import jaxlib  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   cpu = _cpuinfo()
+  device = jax.devices()[0]
   return {
       'cpu_model': cpu.get('cpu_model', platform.processor() or 'unknown'),
       'cpu_flags': cpu.get('flags', []),
+      'cpu_bfloat16': cpu_has_bfloat16(),
       'cpu_count': os.cpu_count(),
       'cpus_usable': len(os.sched_getaffinity(0)),
       'memory_total_bytes': _memory_total_bytes(),
@@ -299,6 +325,8 @@ def machine_info() -> dict[str, Any]:
       'optax': optax.__version__,
       'numpy': np.__version__,
       'backend': jax.default_backend(),
+      'device_kind': device.device_kind,
+      'device_count': jax.device_count(),
       'devices': [str(device) for device in jax.devices()],
   }
 
@@ -307,9 +335,13 @@ def describe_machine(machine: dict[str, Any]) -> str:
   allocator = {True: ', freed host memory reused',
                False: ", glibc's default malloc"}.get(
                    machine.get('reuse_freed_host_memory'), '')
-  return (f"{machine['cpu_model']}, {machine['cpus_usable']} usable cores, "
+  flags = ' '.join(machine['cpu_flags']) or 'none of ' + ' '.join(
+      sorted(RECORDED_CPU_FLAGS))
+  return (f"{machine['cpu_model']} (flags: {flags}), "
+          f"{machine['cpus_usable']} usable cores, "
           f"jax {machine['jax']} / jaxlib {machine['jaxlib']} on "
-          f"{machine['backend']}{allocator}, load average "
+          f"{machine['backend']} ({machine['device_kind']}){allocator}, "
+          f"load average "
           f"{', '.join(f'{x:.2f}' for x in machine['loadavg'])}")
 
 

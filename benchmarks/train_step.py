@@ -17,9 +17,18 @@ JSON also records `flops_executed`, XLA's `cost_analysis()` count (which
 counts a loop body once, so it leaves out routing iterations after the
 first).
 
-`--torch` then runs benchmarks/torch_reference.py (with `--torch-python`,
-default /work/venv-torch/bin/python) with the same batch size, steps, warm-up
-and thread count, and prints the speed ratio per precision.
+`--torch` then runs benchmarks/torch_reference.py with the same batch size,
+steps, warm-up and thread count, and prints the speed ratio per precision.
+Its interpreter: `--torch-python`, else the environment variable
+CAPSJAX_TORCH_PYTHON, else this one (`pip install -e '.[torch]'`).
+
+bfloat16 on a CPU without bfloat16 instructions (neither avx512_bf16 nor
+amx_bf16 in /proc/cpuinfo) is not timed: XLA and PyTorch emulate it in
+float32 there, and the figure would only measure the emulation. The report
+says so (`skipped`); `--emulated-bfloat16` times it anyway.
+
+Every report records the CPU model and flags and the JAX device, so the same
+command runs unchanged on a GPU.
 
 `--breakdown` times the parts of the step, each jitted and timed on its own
 (so XLA cannot fuse across them or overlap them; their sum is not the step
@@ -65,7 +74,7 @@ from train import input_pipeline  # pylint: disable=g-import-not-at-top
 from train import train as train_lib  # pylint: disable=g-import-not-at-top
 
 TORCH_SCRIPT = Path(__file__).resolve().parent / 'torch_reference.py'
-DEFAULT_TORCH_PYTHON = '/work/venv-torch/bin/python'
+TORCH_PYTHON_VARIABLE = 'CAPSJAX_TORCH_PYTHON'
 MNIST_TRAIN_EXAMPLES = 55000  # 60,000 minus the 5,000 validation examples
 
 
@@ -86,8 +95,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       'with --torch)')
   parser.add_argument('--torch', action='store_true',
                       help='also run benchmarks/torch_reference.py')
-  parser.add_argument('--torch-python', default=DEFAULT_TORCH_PYTHON,
-                      help='the Python with torch installed')
+  parser.add_argument(
+      '--torch-python',
+      default=os.environ.get(TORCH_PYTHON_VARIABLE) or sys.executable,
+      help=f'the Python with torch installed (default: ${TORCH_PYTHON_VARIABLE}'
+      ', else this interpreter)')
+  parser.add_argument('--emulated-bfloat16', action='store_true',
+                      help='time bfloat16 on a CPU without bfloat16 '
+                      'instructions too')
   parser.add_argument('--threads', type=int, default=os.cpu_count() or 1,
                       help="PyTorch's thread count (JAX uses every core)")
   parser.add_argument('--breakdown', action='store_true',
@@ -143,6 +158,7 @@ def time_step(config, base_state, batch, args) -> dict[str, Any]:
   source = 'analytic'
   matmul = matmul_peak(flops, config.precision, args.steps, args.warmup)
   achieved = flops / step['median_s']
+  executed = step['flops'] and step['flops'] / step['median_s']
   return {
       'median_step_s': step['median_s'],
       'min_step_s': step['min_s'],
@@ -159,6 +175,9 @@ def time_step(config, base_state, batch, args) -> dict[str, Any]:
       'flops_per_s': achieved,
       'matmul': matmul,
       'fraction_of_matmul_peak': achieved / matmul['flops_per_s'],
+      'executed_flops_per_s': executed,
+      'executed_fraction_of_matmul_peak': (
+          executed and executed / matmul['flops_per_s']),
   }
 
 
@@ -377,12 +396,29 @@ def speed_ratios(results: dict[str, Any], torch_report: dict[str, Any]
 # ---------------------------------------------------------------------------
 
 
+def skipped_precisions(precisions: list[str], machine: dict[str, Any],
+                       emulated_bfloat16: bool) -> dict[str, str]:
+  """{precision: why it is not timed} for this machine."""
+  if (emulated_bfloat16 or 'bfloat16' not in precisions
+      or machine['backend'] != 'cpu' or machine['cpu_bfloat16'] is not False):
+    return {}
+  return {'bfloat16': (
+      f"this CPU ({machine['cpu_model']}) has no bfloat16 instructions "
+      f"(none of {', '.join(common.BFLOAT16_CPU_FLAGS)} in /proc/cpuinfo): "
+      'bfloat16 is emulated in float32 here, so its step time would not '
+      'say how the bfloat16 mode performs')}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   reuse_freed_host_memory = common.set_up_allocator(args)
   machine = common.machine_info()
   machine['reuse_freed_host_memory'] = reuse_freed_host_memory
   print(f'machine: {common.describe_machine(machine)}', flush=True)
+  skipped = skipped_precisions(args.precision, machine, args.emulated_bfloat16)
+  for precision, reason in skipped.items():
+    print(f'{precision}: not timed: {reason}', flush=True)
+  args.precision = [p for p in args.precision if p not in skipped]
   configs = {
       precision: common.make_config(
           batch_size=args.batch_size, precision=precision,
@@ -408,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if args.profile:
     profile(args.profile, configs, base_state, batch, args.profile_steps)
   torch_report = ratios = None
-  if args.torch:
+  if args.torch and args.precision:
     torch_report = run_torch(args, args.precision)
     ratios = speed_ratios(results, torch_report)
   machine['loadavg_end'] = list(os.getloadavg())
@@ -426,11 +462,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{result['flops_per_step'] / 1e9:.2f}",
         f"{result['flops_per_s'] / 1e9:.1f}",
         f"{result['matmul']['flops_per_s'] / 1e9:.1f}",
-        f"{100 * result['fraction_of_matmul_peak']:.1f}%"])
+        f"{100 * result['fraction_of_matmul_peak']:.1f}%",
+        '-' if not result['flops_executed'] else
+        f"{result['flops_executed'] / 1e9:.2f}",
+        '-' if not result['executed_fraction_of_matmul_peak'] else
+        f"{100 * result['executed_fraction_of_matmul_peak']:.1f}%"])
   print(common.format_table(
       ['precision', 'median s', 'IQR s', 'min s', 'max s', 'img/s',
        'compile s', 'peak MB', 'model GFLOP/step', 'GFLOP/s',
-       'matmul GFLOP/s', 'of matmul peak'], rows))
+       'matmul GFLOP/s', 'model FLOPs of matmul rate',
+       'executed GFLOP/step', 'executed of matmul rate'], rows))
   if breakdowns:
     for precision, result in breakdowns.items():
       print_breakdown(precision, result, results[precision]['median_step_s'])
@@ -459,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'results': results,
       'torch': torch_report,
       'speed_ratios': ratios,
+      'skipped': skipped,
       'breakdown': breakdowns,
       'machine': machine,
   }

@@ -9,12 +9,14 @@
   fewer FLOPs than any direct method: one complex product per frequency
   (19 x 10 of them) instead of one 20,736-long dot product per output
   position (6 x 6) and channel pair.
-- 'auto' (the default): 'fourier' for float32 on CPU with 64 input
-  channels or more, else 'patches'. The Fourier method always computes in
-  float32 (its transforms would lose too much in bfloat16), so a bfloat16
-  compute dtype keeps the direct method in bfloat16; accelerators run the
-  direct method on their matrix units; and with few input channels the
-  transforms cost more than they save.
+- 'lax': `lax.conv_general_dilated`, the backend's own convolution (cuDNN
+  on GPUs, the TPU's convolution units).
+- 'auto' (the default; `resolve_method`): 'lax' off the CPU, where the
+  backend's convolutions run on the matrix units and 'patches' would only
+  materialise the patches (81 offsets: about 382 MB at the PrimaryCaps
+  shape and batch 128); on the CPU 'fourier' from 64 input channels on,
+  else 'patches'. With few input channels the transforms cost more than
+  they save.
 
 XLA:CPU computes the input gradient of a strided convolution (e.g. the
 PrimaryCaps 9x9 stride-2 conv, 256 -> 256 channels) on a slow generic path:
@@ -95,7 +97,70 @@ def extract_patches(images: jax.Array, kernel_size: int, stride: int) -> jax.Arr
   )
 
 
-METHODS = ('auto', 'patches', 'fourier')
+METHODS = ('auto', 'patches', 'fourier', 'lax')
+
+
+def _is_float32(compute_dtype: jnp.dtype | None) -> bool:
+  return compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32
+
+
+def float32_einsum(spec: str, lhs: jax.Array, rhs: jax.Array,
+                   compute_dtype: jnp.dtype | None = None) -> jax.Array:
+  """`jnp.einsum(spec, lhs, rhs)` of `compute_dtype` inputs, accumulated
+  and returned in float32.
+
+  With a narrower compute dtype (bfloat16) the backward pass rounds the
+  float32 cotangent to it too, so that both gradient products are
+  bfloat16 x bfloat16 -> float32 products, as PyTorch's autocast does.
+  Autodiff's own rule would multiply the float32 cotangent by a bfloat16
+  operand, which XLA:CPU computes as a float32 product with a bfloat16
+  result: the slow path (PrimaryCaps by the Fourier method, forward +
+  backward: 1.9 s against 1.1 s in float32 on a CPU with AMX).
+
+  Every index of `spec` must appear in exactly two of its three terms
+  (e.g. 'fmk,fkn->fmn'), so that each gradient is an einsum too.
+
+  Args:
+    spec: two operands, explicit output.
+    lhs, rhs: the operands, of any float dtype.
+    compute_dtype: the products' input dtype; None: float32.
+
+  Returns:
+    float32; the gradients come back in `lhs`'s and `rhs`'s dtypes.
+  """
+  # Both paths take float32 operands: autodiff casts the gradients back to
+  # the operands' own dtypes.
+  lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+  if _is_float32(compute_dtype):
+    return jnp.einsum(spec, lhs, rhs, preferred_element_type=jnp.float32)
+  return _narrow_einsum(spec, jnp.dtype(compute_dtype), lhs, rhs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _narrow_einsum(spec, compute_dtype, lhs, rhs):
+  """float32 `lhs`, `rhs` -> float32 einsum of their `compute_dtype` casts."""
+  return jnp.einsum(spec, lhs.astype(compute_dtype), rhs.astype(compute_dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _narrow_einsum_forward(spec, compute_dtype, lhs, rhs):
+  narrow = (lhs.astype(compute_dtype), rhs.astype(compute_dtype))
+  return _narrow_einsum(spec, compute_dtype, lhs, rhs), narrow
+
+
+def _narrow_einsum_backward(spec, compute_dtype, narrow, cotangent):
+  lhs, rhs = narrow
+  lhs_spec, rest = spec.split(',')
+  rhs_spec, out_spec = rest.split('->')
+  cotangent = cotangent.astype(compute_dtype)
+  lhs_gradient = jnp.einsum(f'{out_spec},{rhs_spec}->{lhs_spec}', cotangent,
+                            rhs, preferred_element_type=jnp.float32)
+  rhs_gradient = jnp.einsum(f'{lhs_spec},{out_spec}->{rhs_spec}', lhs,
+                            cotangent, preferred_element_type=jnp.float32)
+  return lhs_gradient, rhs_gradient
+
+
+_narrow_einsum.defvjp(_narrow_einsum_forward, _narrow_einsum_backward)
 
 
 def _real_to_complex(angles: np.ndarray) -> jax.Array:
@@ -113,7 +178,8 @@ def _complex_to_complex(angles: np.ndarray) -> jax.Array:
                                np.stack([-sin, cos], axis=1)]), jnp.float32)
 
 
-def _complex_matmul(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+def _complex_matmul(lhs: jax.Array, rhs: jax.Array,
+                    compute_dtype: jnp.dtype | None = None) -> jax.Array:
   """Per frequency f, `lhs[f] @ rhs[f]` of complex matrices held as
   (real, imaginary) on axis 0, by Gauss's three real products:
 
@@ -124,21 +190,26 @@ def _complex_matmul(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
   Args:
     lhs: `(2, frequencies, m, k)`.
     rhs: `(2, frequencies, k, n)`.
+    compute_dtype: the real products' input dtype (`float32_einsum`);
+      None: float32.
 
   Returns:
-    `(2, frequencies, m, n)`.
+    `(2, frequencies, m, n)`, float32.
   """
   lhs_real, lhs_imag = lhs[0], lhs[1]
   rhs_real, rhs_imag = rhs[0], rhs[1]
-  product = functools.partial(jnp.einsum, 'fmk,fkn->fmn')
+
+  product = functools.partial(float32_einsum, 'fmk,fkn->fmn',
+                              compute_dtype=compute_dtype)
+
   p = product(lhs_real + lhs_imag, rhs_real)
   q = product(lhs_real, rhs_imag - rhs_real)
   r = product(lhs_imag, rhs_real + rhs_imag)
   return jnp.stack([p - r, p + q])
 
 
-def conv2d_fourier(images: jax.Array, kernel: jax.Array, stride: int = 1
-                   ) -> jax.Array:
+def conv2d_fourier(images: jax.Array, kernel: jax.Array, stride: int = 1,
+                   compute_dtype: jnp.dtype | None = None) -> jax.Array:
   """VALID 2-D convolution (cross-correlation) by the convolution theorem.
 
   Only the `N_h x N_w` input window that the strided outputs read is used,
@@ -167,6 +238,8 @@ def conv2d_fourier(images: jax.Array, kernel: jax.Array, stride: int = 1
     images: `(batch, height, width, in_channels)`, NHWC.
     kernel: `(size, size, in_channels, out_channels)`, HWIO.
     stride: the same in both directions.
+    compute_dtype: the input dtype of the channel products (e.g.
+      bfloat16); None: float32. The transforms always run in float32.
 
   Returns:
     `(batch, out_height, out_width, out_channels)`, float32.
@@ -205,7 +278,8 @@ def conv2d_fourier(images: jax.Array, kernel: jax.Array, stride: int = 1
   frequencies = len(rows_u) * len(columns_v)
   product = _complex_matmul(
       images_spectrum.reshape(2, frequencies, batch, in_channels),
-      kernel_spectrum.reshape(2, frequencies, in_channels, out_channels))
+      kernel_spectrum.reshape(2, frequencies, in_channels, out_channels),
+      compute_dtype)
   product = product.reshape(2, len(rows_u), len(columns_v), batch,
                             out_channels)
 
@@ -235,17 +309,46 @@ FOURIER_MIN_IN_CHANNELS = 64
 
 
 def resolve_method(method: str, compute_dtype: jnp.dtype | None,
-                   in_channels: int) -> str:
-  """'auto' -> 'fourier' for float32 on CPU with >= 64 input channels,
-  else 'patches'."""
+                   in_channels: int, platform: str | None = None) -> str:
+  """The method `conv2d` runs for `method` ('auto' resolved).
+
+  'auto' -> 'lax' off the CPU; on the CPU 'fourier' with >= 64 input
+  channels, else 'patches'.
+
+  Args:
+    method: one of METHODS.
+    compute_dtype: the matmul input dtype (None: the inputs' own).
+    in_channels: the convolution's input channels.
+    platform: 'cpu', 'gpu', 'tpu', ...; None: `jax.default_backend()`.
+  """
+  del compute_dtype  # Every method takes it (see `conv2d`).
   if method not in METHODS:
     raise ValueError(f'conv method {method!r} must be one of {METHODS}')
   if method != 'auto':
     return method
-  float32 = compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32
-  use_fourier = (float32 and jax.default_backend() == 'cpu'
-                 and in_channels >= FOURIER_MIN_IN_CHANNELS)
-  return 'fourier' if use_fourier else 'patches'
+  platform = jax.default_backend() if platform is None else platform
+  if platform != 'cpu':
+    return 'lax'
+  return 'fourier' if in_channels >= FOURIER_MIN_IN_CHANNELS else 'patches'
+
+
+def conv2d_lax(images: jax.Array, kernel: jax.Array, stride: int = 1
+               ) -> jax.Array:
+  """VALID 2-D convolution by `lax.conv_general_dilated`, accumulated and
+  returned in float32.
+
+  Args:
+    images: `(batch, height, width, in_channels)`, NHWC.
+    kernel: `(size, size, in_channels, out_channels)`, HWIO.
+    stride: the same in both directions.
+
+  Returns:
+    `(batch, out_height, out_width, out_channels)`, float32.
+  """
+  return lax.conv_general_dilated(
+      images, kernel, (stride, stride), 'VALID',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      preferred_element_type=jnp.float32)
 
 
 def conv2d(
@@ -266,11 +369,10 @@ def conv2d(
     stride: the same in both directions.
     compute_dtype: dtype of the matmul inputs (e.g. bfloat16); the sum is
       accumulated and returned in float32. None keeps the inputs' dtype.
-    method: 'patches', 'fourier' (always float32: it ignores compute_dtype) or
-      'auto' (see the module docstring).
+    method: 'patches', 'fourier', 'lax' or 'auto' (`resolve_method`).
 
   Returns:
-    `(batch, out_height, out_width, out_channels)`.
+    `(batch, out_height, out_width, out_channels)`, float32.
   """
   kernel_size, kernel_width, in_channels, out_channels = kernel.shape
   if kernel_size != kernel_width:
@@ -280,14 +382,14 @@ def conv2d(
         f'images have {images.shape[-1]} channels, kernel expects '
         f'{in_channels}'
     )
-  if resolve_method(method, compute_dtype, in_channels) == 'fourier':
-    return conv2d_fourier(images, kernel, stride)
-  if compute_dtype is not None:
-    images = images.astype(compute_dtype)
-    kernel = kernel.astype(compute_dtype)
+  method = resolve_method(method, compute_dtype, in_channels)
+  if method == 'fourier':
+    return conv2d_fourier(images, kernel, stride, compute_dtype)
+  if method == 'lax':
+    if compute_dtype is not None:
+      images = images.astype(compute_dtype)
+      kernel = kernel.astype(compute_dtype)
+    return conv2d_lax(images, kernel, stride)
   patches = extract_patches(images, kernel_size, stride)
-  return jnp.dot(
-      patches,
-      kernel.reshape(-1, out_channels),
-      preferred_element_type=jnp.float32,
-  )
+  return float32_einsum('bhwk,ko->bhwo', patches,
+                        kernel.reshape(-1, out_channels), compute_dtype)

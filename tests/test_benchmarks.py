@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ('median_s', 'min_s', 'max_s', 'mean_s', 'compile_s',
                'images_per_s')
 MACHINE_KEYS = ('cpu_model', 'cpu_count', 'cpus_usable', 'jax', 'jaxlib',
-                'loadavg', 'backend')
+                'loadavg', 'backend', 'device_kind')
 
 
 def positive(value) -> bool:
@@ -54,6 +54,9 @@ def check_memory(memory: dict, what: str) -> None:
 def check_machine(machine: dict) -> None:
   for key in MACHINE_KEYS:
     assert machine[key], key
+  # Every figure names the CPU flags it ran on.
+  assert isinstance(machine['cpu_flags'], list)
+  assert machine['cpu_bfloat16'] in (True, False, None)
 
 
 def check_png(path: Path) -> None:
@@ -172,7 +175,7 @@ def test_train_step(tmp_path, capsys):
   # float32's step is compiled by test_routing_iterations_with_train_step.
   train_step.main(['--precision', 'bfloat16', '--small',
                    '--batch-size', '2', '--steps', '1', '--warmup', '0',
-                   '--breakdown', '--out', str(out)])
+                   '--breakdown', '--emulated-bfloat16', '--out', str(out)])
   report = json.loads(out.read_text())
   assert set(report) >= {'results', 'torch', 'machine', 'settings',
                          'breakdown'}
@@ -200,7 +203,49 @@ def test_train_step(tmp_path, capsys):
   assert report['torch'] is None and report['speed_ratios'] is None
   check_machine(report['machine'])
   printed = capsys.readouterr().out
-  assert 'of matmul peak' in printed and 'full training step' in printed
+  assert 'of matmul rate' in printed and 'full training step' in printed
+
+
+CPUINFO = """\
+processor\t: 0
+model name\t: Some CPU
+flags\t\t: fpu avx2 fma {extra}
+"""
+
+
+def test_bfloat16_instructions_are_read_from_cpuinfo():
+  assert common.cpu_has_bfloat16(CPUINFO.format(extra='')) is False
+  assert common.cpu_has_bfloat16(CPUINFO.format(extra='avx512_bf16')) is True
+  assert common.cpu_has_bfloat16(CPUINFO.format(extra='amx_bf16 amx_tile'))
+  # avx512f alone (e.g. Skylake) has no bfloat16 arithmetic.
+  assert common.cpu_has_bfloat16(CPUINFO.format(extra='avx512f')) is False
+  assert common.cpu_has_bfloat16('') is None
+
+
+@pytest.mark.parametrize('backend,cpu_bfloat16,skipped', [
+    ('cpu', False, True), ('cpu', True, False), ('cpu', None, False),
+    ('gpu', False, False)])
+def test_bfloat16_is_not_timed_where_it_is_emulated(backend, cpu_bfloat16,
+                                                    skipped):
+  machine = {'backend': backend, 'cpu_bfloat16': cpu_bfloat16,
+             'cpu_model': 'Some CPU'}
+  result = train_step.skipped_precisions(['float32', 'bfloat16'], machine,
+                                         emulated_bfloat16=False)
+  assert set(result) == ({'bfloat16'} if skipped else set())
+  if skipped:
+    assert 'no bfloat16 instructions' in result['bfloat16']
+  assert not train_step.skipped_precisions(['float32', 'bfloat16'], machine,
+                                           emulated_bfloat16=True)
+  assert not train_step.skipped_precisions(['float32'], machine, False)
+
+
+def test_torch_interpreter_from_flag_or_environment(monkeypatch):
+  monkeypatch.delenv(train_step.TORCH_PYTHON_VARIABLE, raising=False)
+  assert train_step.parse_args([]).torch_python == sys.executable
+  monkeypatch.setenv(train_step.TORCH_PYTHON_VARIABLE, '/some/python')
+  assert train_step.parse_args([]).torch_python == '/some/python'
+  assert train_step.parse_args(['--torch-python', 'python3']
+                               ).torch_python == 'python3'
 
 
 def test_train_step_torch_is_run_with_the_same_settings(tmp_path, capsys):

@@ -1,12 +1,25 @@
-"""Both convolution methods (patches @ kernel, Fourier) equal lax's convolution."""
+"""Every convolution method (patches @ kernel, Fourier, lax) equals lax's
+convolution, in value and gradients."""
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import lax
 
 from capsjax import convolution
+
+
+# numpy's generator: jax.random's threefry costs seconds of XLA:CPU
+# compilation per shape.
+def _normal(seed, shape):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape),
+                     jnp.float32)
+
+
+def _uniform(seed, shape):
+  return jnp.asarray(np.random.default_rng(seed).random(shape), jnp.float32)
 
 
 def _reference_conv(images, kernel, stride):
@@ -17,7 +30,7 @@ def _reference_conv(images, kernel, stride):
   )
 
 
-@pytest.mark.parametrize('method', ['patches', 'fourier'])
+@pytest.mark.parametrize('method', ['patches', 'fourier', 'lax'])
 @pytest.mark.parametrize(
     'image_size,channels,features,kernel_size,stride',
     [(28, 1, 16, 9, 1), (20, 32, 24, 9, 2), (11, 3, 5, 3, 3), (7, 4, 4, 7, 1),
@@ -26,11 +39,9 @@ def _reference_conv(images, kernel, stride):
 def test_matches_lax_conv_value_and_gradients(
     image_size, channels, features, kernel_size, stride, method
 ):
-  images = jax.random.normal(
-      jax.random.key(0), (3, image_size, image_size, channels)
+  images = _normal(0, (3, image_size, image_size, channels)
   )
-  kernel = 0.1 * jax.random.normal(
-      jax.random.key(1), (kernel_size, kernel_size, channels, features)
+  kernel = 0.1 * _normal(1, (kernel_size, kernel_size, channels, features)
   )
   expected = _reference_conv(images, kernel, stride)
 
@@ -41,7 +52,7 @@ def test_matches_lax_conv_value_and_gradients(
       jax.jit(ours, static_argnums=2)(images, kernel, stride), expected,
       rtol=1e-4, atol=1e-4
   )
-  cotangent = jax.random.normal(jax.random.key(2), expected.shape)
+  cotangent = _normal(2, expected.shape)
 
   def gradients(conv):
     return jax.jit(
@@ -58,7 +69,7 @@ def test_matches_lax_conv_value_and_gradients(
   )
 
 
-@pytest.mark.parametrize('method', ['patches', 'fourier'])
+@pytest.mark.parametrize('method', ['patches', 'fourier', 'lax'])
 def test_primary_caps_shape(method):
   images = jax.ShapeDtypeStruct((2, 20, 20, 256), jnp.float32)
   kernel = jax.ShapeDtypeStruct((9, 9, 256, 256), jnp.float32)
@@ -69,31 +80,89 @@ def test_primary_caps_shape(method):
   chex.assert_type(result, jnp.float32)
 
 
-def test_auto_picks_fourier_only_where_it_pays():
-  on_cpu = jax.default_backend() == 'cpu'
+@pytest.mark.parametrize('platform', ['gpu', 'tpu', 'cuda', 'rocm'])
+def test_auto_picks_lax_off_the_cpu(platform):
+  # The backend's own convolutions (cuDNN, the TPU's) in every precision,
+  # never materialised patches or the CPU's Fourier products.
+  for dtype in (None, jnp.float32, jnp.bfloat16):
+    for in_channels in (1, 3, convolution.FOURIER_MIN_IN_CHANNELS, 256):
+      assert convolution.resolve_method(
+          'auto', dtype, in_channels, platform=platform) == 'lax'
+
+
+def test_auto_on_the_cpu_picks_fourier_only_where_it_pays():
   many = convolution.FOURIER_MIN_IN_CHANNELS
+  for dtype in (None, jnp.float32, jnp.bfloat16):
+    assert convolution.resolve_method('auto', dtype, many,
+                                      platform='cpu') == 'fourier'
+    # Few input channels: the transforms cost more than they save.
+    assert convolution.resolve_method('auto', dtype, 1,
+                                      platform='cpu') == 'patches'
+  # The default platform is the default backend's.
   assert convolution.resolve_method('auto', None, many) == (
-      'fourier' if on_cpu else 'patches')
-  assert convolution.resolve_method('auto', jnp.float32, many) == (
-      'fourier' if on_cpu else 'patches')
-  # bfloat16 keeps the direct method; few input channels: the transforms
-  # cost more.
-  assert convolution.resolve_method('auto', jnp.bfloat16, many) == 'patches'
-  assert convolution.resolve_method('auto', None, 1) == 'patches'
-  assert convolution.resolve_method('fourier', jnp.bfloat16, 1) == 'fourier'
-  assert convolution.resolve_method('patches', None, many) == 'patches'
+      convolution.resolve_method('auto', None, many,
+                                 platform=jax.default_backend()))
+  # An explicit method is kept everywhere.
+  for method in ('patches', 'fourier', 'lax'):
+    for platform in ('cpu', 'gpu'):
+      assert convolution.resolve_method(method, jnp.bfloat16, 1,
+                                        platform=platform) == method
 
 
-def test_bfloat16_compute_is_close_and_returns_float32():
-  images = jax.random.uniform(jax.random.key(0), (2, 12, 12, 8))
-  kernel = 0.1 * jax.random.normal(jax.random.key(1), (3, 3, 8, 4))
-  result = jax.jit(
-      lambda x, w: convolution.conv2d(x, w, 1, compute_dtype=jnp.bfloat16)
-  )(images, kernel)
+@pytest.mark.parametrize('method', ['patches', 'fourier', 'lax'])
+@pytest.mark.parametrize(
+    'shape,kernel_size,stride',
+    [((12, 12), 3, 1),   # an even grid
+     ((12, 12), 5, 2),   # strided, on an 11 x 11 (odd) grid
+     ((10, 13), 3, 2)],  # rectangular: a 9 x 13 grid
+)
+def test_bfloat16_compute_is_close_in_value_and_gradients(
+    method, shape, kernel_size, stride):
+  images = _uniform(0, (2, *shape, 8))
+  kernel = 0.1 * _normal(1, (kernel_size, kernel_size, 8, 4))
+
+  def ours(x, w):
+    return convolution.conv2d(x, w, stride, jnp.bfloat16, method)
+
+  def reference(x, w):
+    return _reference_conv(x, w, stride)
+
+  result = jax.jit(ours)(images, kernel)
   chex.assert_type(result, jnp.float32)
-  chex.assert_trees_all_close(
-      result, _reference_conv(images, kernel, 1), rtol=3e-2, atol=3e-2
-  )
+  chex.assert_trees_all_close(result, reference(images, kernel),
+                              rtol=3e-2, atol=3e-2)
+  cotangent = _normal(2, result.shape)
+
+  def gradients(conv):
+    return jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) * cotangent),
+                            argnums=(0, 1)))(images, kernel)
+
+  ours_gradients = gradients(ours)
+  chex.assert_trees_all_equal_dtypes(ours_gradients, (images, kernel))
+  # Relative to the gradients' scale: bfloat16 keeps 8 significant bits.
+  for got, expected in zip(ours_gradients, gradients(reference)):
+    scale = float(jnp.max(jnp.abs(expected)))
+    chex.assert_trees_all_close(got / scale, expected / scale, atol=3e-2)
+
+
+def test_float32_einsum_gradients_are_autodiffs():
+  # float32: autodiff's own rule; bfloat16: the cotangent rounded to
+  # bfloat16, within bfloat16's precision of autodiff's float32 gradients.
+  lhs = _normal(0, (3, 4, 5))
+  rhs = _normal(1, (3, 5, 6))
+  cotangent = _normal(2, (3, 4, 6))
+
+  def gradients(compute_dtype):
+    return jax.jit(jax.grad(lambda a, b: jnp.sum(convolution.float32_einsum(
+        'fmk,fkn->fmn', a, b, compute_dtype) * cotangent),
+                            argnums=(0, 1)))(lhs, rhs)
+
+  expected = jax.jit(jax.grad(lambda a, b: jnp.sum(
+      jnp.einsum('fmk,fkn->fmn', a, b) * cotangent), argnums=(0, 1)))(lhs,
+                                                                       rhs)
+  chex.assert_trees_all_close(gradients(None), expected, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(gradients(jnp.bfloat16), expected, rtol=3e-2,
+                              atol=5e-2)
 
 
 def test_errors_name_the_problem():
@@ -111,12 +180,12 @@ def test_errors_name_the_problem():
                        method='direct')
 
 
-@pytest.mark.parametrize('method', ['patches', 'fourier'])
+@pytest.mark.parametrize('method', ['patches', 'fourier', 'lax'])
 def test_rectangular_images(method):
   # An even grid on one axis and an odd one (the half spectrum's axis) on
   # the other: the Fourier method handles each axis on its own.
-  images = jax.random.normal(jax.random.key(3), (2, 10, 13, 3))
-  kernel = jax.random.normal(jax.random.key(4), (3, 3, 3, 2))
+  images = _normal(3, (2, 10, 13, 3))
+  kernel = _normal(4, (3, 3, 3, 2))
   chex.assert_trees_all_close(
       convolution.conv2d(images, kernel, 1, method=method),
       _reference_conv(images, kernel, 1), rtol=1e-4, atol=1e-4)

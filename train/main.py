@@ -19,6 +19,8 @@ from train import host_memory
 from train import train
 
 FLAGS = flags.FLAGS
+# The installed package's configs, so that the program runs from any folder.
+DEFAULT_CONFIG = Path(__file__).resolve().with_name('configs') / 'default.py'
 
 
 def fail(message: str, status: int = 2) -> None:
@@ -66,7 +68,7 @@ flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go.')
 with unknown_config_fields_fail():
   config_flags.DEFINE_config_file(
       'config',
-      'train/configs/default.py',
+      str(DEFAULT_CONFIG),
       'Training configuration file.',
       lock_config=True,
   )

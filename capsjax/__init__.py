@@ -1,4 +1,5 @@
-"""capsjax: Capsule Networks with dynamic routing (Sabour et al. 2017) in JAX.
+"""capsjax: Capsule Networks in JAX: dynamic routing (Sabour et al. 2017), EM,
+self-attention and no routing behind one interface (`capsjax.routing`).
 
 Pure functions hold the maths (`squash`, `capsjax.routing`, `capsjax.losses`,
 `capsjax.convolution`); thin Flax linen modules wrap them (`CapsNet` and its
@@ -16,6 +17,7 @@ from capsjax.layers import PrimaryCapsules
 from capsjax.layers import mask_capsules
 from capsjax.models import CapsNet
 from capsjax.models import CapsNetOutput
+from capsjax.models import EfficientCapsNet
 from capsjax.nonlinearity import capsule_lengths
 from capsjax.nonlinearity import safe_norm
 from capsjax.nonlinearity import squash
@@ -28,6 +30,7 @@ __all__ = [
     'CapsNet',
     'CapsNetOutput',
     'CapsuleLayer',
+    'EfficientCapsNet',
     'Conv2D',
     'MaskedDecoder',
     'PrimaryCapsules',

@@ -91,7 +91,11 @@ class CapsuleLayer(nn.Module):
   """A fully connected capsule layer: prediction vectors, then routing.
 
   Holds W `(in_capsules, out_capsules, in_dim, out_dim)`, no bias, as the
-  paper's DigitCaps (1152 x 10 matrices of 8 x 16).
+  paper's DigitCaps (1152 x 10 matrices of 8 x 16), and the learned arrays of
+  the routing algorithm (`routing.route`): 'dynamic' and 'none' have none,
+  'em' has beta_u and beta_a `(out_capsules,)`, 'self_attention' the log
+  priors B `(in_capsules, out_capsules)`; all start at zero. With 'em' the
+  out_dim-vector votes are the flattened poses.
   """
 
   out_capsules: int
@@ -100,24 +104,37 @@ class CapsuleLayer(nn.Module):
   stop_gradient_intermediate: bool = False
   dtype: Dtype = jnp.float32
   weight_init: Initializer = nn.initializers.normal(stddev=0.01)
+  routing: str = 'dynamic'  # one of `routing.ALGORITHMS`
 
   @nn.compact
-  def __call__(self, capsules: jax.Array) -> jax.Array:
-    """`(batch, in_capsules, in_dim)` -> `(batch, out_capsules, out_dim)`."""
+  def __call__(
+      self, capsules: jax.Array, activations: jax.Array | None = None
+  ) -> routing.RoutingOutput:
+    """`(batch, in_capsules, in_dim)` and, for 'em', activations `(batch,
+    in_capsules)` -> poses `(batch, out_capsules, out_dim)`, activations
+    `(batch, out_capsules)`."""
     _, in_capsules, in_dim = capsules.shape
     weights = self.param(
         'weights',
         self.weight_init,
         (in_capsules, self.out_capsules, in_dim, self.out_dim),
     )
+    parameters = {}
+    if self.routing == 'dynamic':
+      parameters['stop_gradient_intermediate'] = self.stop_gradient_intermediate
+    elif self.routing == 'em':
+      for name in ('beta_u', 'beta_a'):
+        parameters[name] = self.param(name, nn.initializers.zeros_init(),
+                                      (self.out_capsules,))
+    elif self.routing == 'self_attention':
+      parameters['log_priors'] = self.param(
+          'log_priors', nn.initializers.zeros_init(),
+          (in_capsules, self.out_capsules))
     u_hat = routing.prediction_vectors(
         capsules.astype(self.dtype), weights.astype(self.dtype)
     )
-    return routing.dynamic_routing(
-        u_hat,
-        self.routing_iterations,
-        stop_gradient_intermediate=self.stop_gradient_intermediate,
-    )
+    return routing.route(self.routing, u_hat, activations,
+                         num_iterations=self.routing_iterations, **parameters)
 
 
 def mask_capsules(capsules: jax.Array, labels: jax.Array) -> jax.Array:

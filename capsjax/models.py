@@ -1,4 +1,5 @@
-"""The paper's CapsNet (Sabour, Frosst & Hinton 2017, Fig. 1 and 2)."""
+"""Capsule networks: the paper's CapsNet (Sabour, Frosst & Hinton 2017, Fig. 1
+and 2) with any routing, and Efficient-CapsNet (Mazzia et al. 2021)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from capsjax import routing
 from capsjax.layers import CapsuleLayer, Conv2D, MaskedDecoder, PrimaryCapsules
 from capsjax.nonlinearity import capsule_lengths
 
@@ -15,8 +17,9 @@ from capsjax.nonlinearity import capsule_lengths
 class CapsNetOutput(NamedTuple):
   """What `CapsNet` returns; a pytree.
 
-  capsules: class capsules v, `(batch, classes, dim)`.
-  lengths: |v|, `(batch, classes)`, the class probabilities.
+  capsules: class capsules v, `(batch, classes, dim)` (EM: the pose means).
+  lengths: `(batch, classes)`, the class probabilities: |v| (EM: the
+    activations a_j).
   reconstructions: `(batch, *image_shape)` (or `(batch, k, *image_shape)`
     for labels `(batch, k)`), None without a decoder.
   """
@@ -51,6 +54,11 @@ class CapsNet(nn.Module):
   # 'auto' (Fourier for float32 on CPU, else patches), 'patches' or
   # 'fourier'.
   conv_method: str = 'auto'
+  # The class capsules' routing (`capsjax.routing.ALGORITHMS`): 'dynamic'
+  # (the paper), 'em' (the 16D votes as flattened 4x4 poses, the primary
+  # capsules' lengths as their activations; + beta_u, beta_a, 20 parameters),
+  # 'self_attention' (+ log priors, 11,520 parameters) or 'none'.
+  routing: str = 'dynamic'
 
   @nn.compact
   def __call__(
@@ -89,20 +97,81 @@ class CapsNet(nn.Module):
         conv_method=self.conv_method,
         name='primary_capsules',
     )(features)
-    capsules = CapsuleLayer(
+    # EM routing needs each primary capsule's presence: its length.
+    primary_activations = (
+        capsule_lengths(primary) if self.routing == 'em' else None)
+    routed = CapsuleLayer(
         self.num_classes,
         self.class_capsule_dim,
         self.routing_iterations,
         self.stop_gradient_intermediate,
         dtype=self.dtype,
+        routing=self.routing,
         name='class_capsules',
-    )(primary)
+    )(primary, primary_activations)
     reconstructions = None
     if self.use_decoder:
+      if labels is None:  # The most probable class: the longest for vectors.
+        labels = jnp.argmax(routed.activations, axis=-1)
       reconstructions = MaskedDecoder(
           images.shape[1:],
           self.decoder_hidden_sizes,
           dtype=self.dtype,
           name='decoder',
-      )(capsules, labels)
-    return CapsNetOutput(capsules, capsule_lengths(capsules), reconstructions)
+      )(routed.poses, labels)
+    return CapsNetOutput(routed.poses, routed.activations, reconstructions)
+
+
+class EfficientCapsNet(nn.Module):
+  """Efficient-CapsNet's MNIST network (Mazzia, Salvetti & Chiaberge 2021).
+
+  Four VALID convolutions with ReLU and batch norm (5x5 1->32, 3x3 32->64,
+  3x3 64->64, 3x3 stride 2 64->128), depthwise 9x9 primary capsules (16 of
+  8D, `routing.exponential_squash`), then 10 class capsules of 16D by
+  self-attention routing (`CapsuleLayer(routing='self_attention')`): 161,824
+  trainable parameters on 28x28x1 inputs ('params'; the batch norms' moving
+  statistics are in 'batch_stats'), plus 1,411,344 for the optional decoder,
+  which the paper does not count. Call with `train=True` and
+  `mutable=['batch_stats']` in training.
+  """
+
+  num_classes: int = 10
+  use_decoder: bool = True
+  decoder_hidden_sizes: Sequence[int] = (512, 1024)
+  dtype: Any = jnp.float32
+  conv_method: str = 'auto'  # `Conv2D.method`
+
+  @nn.compact
+  def __call__(
+      self, images: jax.Array, labels: jax.Array | None = None, *,
+      train: bool = False
+  ) -> CapsNetOutput:
+    """images `(batch, 28, 28, 1)`, labels as `CapsNet` -> `CapsNetOutput`."""
+    features = images
+    for features_out, kernel_size, stride in (
+        (32, 5, 1), (64, 3, 1), (64, 3, 1), (128, 3, 2)):
+      features = nn.relu(Conv2D(
+          features_out, kernel_size, stride, dtype=self.dtype,
+          method=self.conv_method,
+          kernel_init=nn.initializers.he_normal())(features))
+      # Keras' defaults, as the official code.
+      features = nn.BatchNorm(use_running_average=not train, momentum=0.99,
+                              epsilon=1e-3)(features)
+    # Depthwise: one 9x9 filter per channel over the whole 9x9 map.
+    maps = nn.Conv(features.shape[-1], features.shape[1:3], padding='VALID',
+                   feature_group_count=features.shape[-1], dtype=self.dtype,
+                   name='primary_capsules')(features)
+    primary = routing.exponential_squash(
+        maps.astype(jnp.float32).reshape(images.shape[0], 16, 8))
+    routed = CapsuleLayer(
+        self.num_classes, 16, dtype=self.dtype, routing='self_attention',
+        weight_init=nn.initializers.he_normal(), name='class_capsules',
+    )(primary)
+    reconstructions = None
+    if self.use_decoder:
+      if labels is None:
+        labels = jnp.argmax(routed.activations, axis=-1)
+      reconstructions = MaskedDecoder(
+          images.shape[1:], self.decoder_hidden_sizes, dtype=self.dtype,
+          name='decoder')(routed.poses, labels)
+    return CapsNetOutput(routed.poses, routed.activations, reconstructions)

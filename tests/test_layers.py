@@ -33,7 +33,9 @@ def test_capsule_layer_shapes_and_parameters():
   module = layers.CapsuleLayer(out_capsules=4, out_dim=6, routing_iterations=2)
   variables = module.init(jax.random.key(1), capsules)
   chex.assert_shape(variables['params']['weights'], (20, 4, 8, 6))
-  chex.assert_shape(module.apply(variables, capsules), (3, 4, 6))
+  output = module.apply(variables, capsules)
+  chex.assert_shape(output.poses, (3, 4, 6))
+  chex.assert_shape(output.activations, (3, 4))
 
 
 def test_mask_capsules_keeps_only_the_label():

@@ -6,6 +6,7 @@ import math
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import capsjax
@@ -120,3 +121,75 @@ def test_loss_gradient_is_finite_even_on_blank_images(small_model_and_params):
 def test_bad_input_rank_is_an_error():
   with pytest.raises(ValueError, match='batch, height, width, channels'):
     capsjax.CapsNet(**SMALL).init(jax.random.key(0), jnp.zeros((28, 28, 1)))
+
+
+def test_parameter_counts_of_each_routing():
+  counts = {routing: _parameter_count(capsjax.CapsNet(routing=routing),
+                                      (28, 28, 1))
+            for routing in capsjax.routing.ALGORITHMS}
+  # 'em' adds beta_u and beta_a per class, 'self_attention' a log prior per
+  # (primary capsule, class) pair; the default is the paper's network.
+  assert counts == {'dynamic': 8_215_568, 'none': 8_215_568,
+                    'em': 8_215_568 + 2 * 10,
+                    'self_attention': 8_215_568 + 1152 * 10}
+
+
+@pytest.mark.parametrize('routing', ['em', 'self_attention', 'none'])
+def test_every_routing_trains_the_same_network(routing):
+  model = capsjax.CapsNet(routing=routing, **SMALL)
+  images = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))
+  labels = jnp.array([1, 2, 3])
+  params = model.init(jax.random.key(1), images[:1])['params']
+
+  def loss(params):
+    output = model.apply({'params': params}, images, labels)
+    return jnp.mean(
+        losses.margin_loss(output.lengths, jax.nn.one_hot(labels, 10))
+        + losses.reconstruction_loss(output.reconstructions, images)), output
+
+  (_, output), gradients = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+      params)
+  chex.assert_shape(output.capsules, (3, 10, 16))
+  assert bool(jnp.all((output.lengths > 0) & (output.lengths < 1)))
+  chex.assert_tree_all_finite(gradients)
+  assert float(jnp.abs(gradients['class_capsules']['weights']).sum()) > 0
+
+
+def test_efficient_capsnet_has_the_papers_parameter_count():
+  model = capsjax.EfficientCapsNet(use_decoder=False)
+  assert _parameter_count(model, (28, 28, 1)) - _batch_stats_count(
+      model) == 161_824
+  # The decoder (not counted by the paper) is CapsNet's.
+  assert _parameter_count(capsjax.EfficientCapsNet(), (28, 28, 1)) - (
+      _batch_stats_count(model)) == 161_824 + 1_411_344
+
+
+def _batch_stats_count(model):
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, 28, 28, 1)))
+  return sum(math.prod(leaf.shape)
+             for leaf in jax.tree.leaves(shapes['batch_stats']))
+
+
+def test_efficient_capsnet_training_step_updates_batch_stats():
+  model = capsjax.EfficientCapsNet(decoder_hidden_sizes=(16,))
+  images = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
+  variables = model.init(jax.random.key(1), images)
+
+  @jax.jit
+  def step(variables):
+    def loss(params):
+      output, updates = model.apply(
+          {'params': params, 'batch_stats': variables['batch_stats']},
+          images, jnp.array([0, 1]), train=True, mutable=['batch_stats'])
+      return jnp.mean(losses.margin_loss(
+          output.lengths, jax.nn.one_hot(jnp.array([0, 1]), 10))), (
+              output, updates)
+    return jax.grad(loss, has_aux=True)(variables['params'])
+
+  gradients, (output, updates) = step(variables)
+  chex.assert_shape(output.capsules, (2, 10, 16))
+  assert bool(jnp.all((output.lengths >= 0) & (output.lengths < 1)))
+  chex.assert_tree_all_finite(gradients)
+  assert not np.allclose(updates['batch_stats']['BatchNorm_0']['mean'],
+                         variables['batch_stats']['BatchNorm_0']['mean'])

@@ -53,6 +53,7 @@ if str(REPO_ROOT) not in sys.path:  # `train` is not installed with capsjax.
   sys.path.insert(0, str(REPO_ROOT))
 
 from capsjax import convolution as capsjax_convolution  # pylint: disable=g-import-not-at-top
+from train import datasets  # pylint: disable=g-import-not-at-top
 from train import host_memory  # pylint: disable=g-import-not-at-top
 from train import train as train_lib  # pylint: disable=g-import-not-at-top
 from train.configs import default  # pylint: disable=g-import-not-at-top
@@ -517,7 +518,7 @@ def random_batch(batch_size: int, image_shape=MNIST_IMAGE_SHAPE,
       'image': jnp.asarray(
           rng.random((batch_size, *image_shape), dtype=np.float32)),
       'label': jnp.asarray(
-          rng.integers(0, train_lib.NUM_CLASSES, batch_size, dtype=np.int32)),
+          rng.integers(0, datasets.NUM_CLASSES, batch_size, dtype=np.int32)),
   }
 
 
@@ -556,7 +557,7 @@ def capsnet_step_flops(config, batch_size: int,
   w2 = (w1 - kernel_size) // 2 + 1
   primary_channels = model.primary_capsule_types * model.primary_capsule_dim
   in_capsules = h2 * w2 * model.primary_capsule_types
-  out_capsules, out_dim = train_lib.NUM_CLASSES, model.class_capsule_dim
+  out_capsules, out_dim = datasets.NUM_CLASSES, model.class_capsule_dim
   conv1 = 2 * h1 * w1 * kernel_size**2 * channels * model.conv_features
   primary = (2 * h2 * w2 * kernel_size**2 * model.conv_features
              * primary_channels)

@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/run_all.sh DIR [TORCH_PYTHON]
 #
+# RUNS (default 3) is how many times the main step comparison is repeated.
 # TORCH_PYTHON (else $CAPSJAX_TORCH_PYTHON, else `python`) is the interpreter
 # with torch installed; without one the PyTorch comparison is left out. The
 # same script runs on a GPU: every JSON names the device and the CPU flags,
@@ -27,7 +28,7 @@ else
   echo "no torch in $torch_python: the PyTorch comparison is left out" \
     | tee -a "$out/commands.log"
 fi
-for run_index in 1 2 3; do
+for run_index in $(seq "${RUNS:-3}"); do
   run "train_step_$run_index" python benchmarks/train_step.py \
     --precision float32,bfloat16 --steps 10 --warmup 2 "${torch[@]}" \
     --out "$out/train_step_$run_index.json"
@@ -35,6 +36,10 @@ done
 run train_step_breakdown python benchmarks/train_step.py \
   --precision float32,bfloat16 --steps 10 --warmup 2 --breakdown \
   --out "$out/train_step_breakdown.json"
+run train_step_experiments python benchmarks/train_step.py \
+  --precision float32 --steps 10 --warmup 2 \
+  --experiments multimnist,affnist,baseline_cnn,lenet5 \
+  --out "$out/train_step_experiments.json"
 run train_step_float32_patches python benchmarks/train_step.py \
   --precision float32 --steps 10 --warmup 2 --conv-method patches \
   --out "$out/train_step_float32_patches.json"

@@ -1,4 +1,4 @@
-"""Medians over repeated benchmark runs, as the README's speed table.
+"""The speed doc's tables from one folder of benchmark output.
 
     python benchmarks/summarize.py DIR
 
@@ -7,8 +7,11 @@ reads every `train_step*.json` written by `benchmarks/train_step.py --out`
 the runs by setting (precision, convolution method, allocator) and prints
 one Markdown row per setting: the median over runs of each run's median
 step time, its range over runs, images/s, and PyTorch's step time measured
-in the same runs with the speed ratio. `benchmarks/run_all.sh DIR` writes
-such a folder.
+in the same runs with the speed ratio; then, per run, the ratios measured
+side by side (JAX vs PyTorch, executed FLOPs vs the same run's plain dot
+rate); the other experiments' steps; the peak memory per routing iteration
+count (`routing_iterations.json`); and the machine (CPU model and flags,
+device) of every run. `benchmarks/run_all.sh DIR` writes such a folder.
 """
 
 from __future__ import annotations
@@ -86,12 +89,110 @@ def table(directory: Path) -> str:
   return '\n'.join(lines)
 
 
+def _reports(directory: Path) -> list[tuple[str, dict[str, Any]]]:
+  return [(path.name, json.loads(path.read_text()))
+          for path in sorted(directory.glob('train_step*.json'))]
+
+
+def machines(directory: Path) -> str:
+  """One line per distinct machine of the folder's reports."""
+  seen = {}
+  paths = sorted(directory.glob('*.json'))
+  for path in paths:
+    machine = json.loads(path.read_text()).get('machine')
+    if not machine:
+      continue
+    line = (f"{machine['cpu_model']}; CPU flags: "
+            f"{' '.join(machine.get('cpu_flags', [])) or '-'}; bfloat16 "
+            f"instructions: {machine.get('cpu_bfloat16', 'unknown')}; "
+            f"{machine.get('cpus_usable', '?')} usable cores; device: "
+            f"{machine.get('device_kind', machine.get('backend'))}; jax "
+            f"{machine['jax']}")
+    seen.setdefault(line, []).append(path.name)
+  return '\n'.join(f'- {line} ({", ".join(names)})'
+                   for line, names in seen.items())
+
+
+def side_by_side(directory: Path) -> str:
+  """Per run and precision: the ratios measured in that run."""
+  lines = ['| run | precision | JAX step s | PyTorch step s | JAX speed-up | '
+           'plain dot GFLOP/s | executed GFLOP/step | executed FLOPs of the '
+           'dot rate | skipped |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  for name, report in _reports(directory):
+    skipped = '; '.join(f'{p}: not timed (no bfloat16 instructions)'
+                        for p in (report.get('skipped') or {}))
+    ratios = report.get('speed_ratios') or {}
+    for precision, result in report['results'].items():
+      ratio = ratios.get(precision)
+      executed = result.get('executed_fraction_of_matmul_peak')
+      lines.append(
+          f"| {name} | {precision} | {result['median_step_s']:.3f} | "
+          f"{ratio['torch_median_step_s']:.3f} | "
+          f"{ratio['jax_speedup']:.2f}x | " if ratio else
+          f"| {name} | {precision} | {result['median_step_s']:.3f} | - | - | ")
+      lines[-1] += (
+          f"{result['matmul']['flops_per_s'] / 1e9:.0f} | "
+          f"{(result.get('flops_executed') or 0) / 1e9:.1f} | "
+          f"{'-' if executed is None else f'{100 * executed:.0f}%'} | "
+          f"{skipped or '-'} |")
+  return '\n'.join(lines)
+
+
+def experiments(directory: Path) -> str:
+  lines = ['| run | experiment | input | step s | images/s | executed GFLOP | '
+           'predicted from the MNIST step s | measured / predicted |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- |']
+  for name, report in _reports(directory):
+    for experiment, result in (report.get('experiments') or {}).items():
+      lines.append(
+          f"| {name} | {experiment} | "
+          f"{'x'.join(map(str, result['image_shape']))} | "
+          f"{result['median_step_s']:.3f} | {result['images_per_s']:.1f} | "
+          f"{(result['flops_executed'] or 0) / 1e9:.2f} | "
+          f"{result.get('predicted_step_s', float('nan')):.3f} | "
+          f"{result.get('slowdown', float('nan')):.2f} |")
+  return '\n'.join(lines) if len(lines) > 2 else ''
+
+
+def routing_memory(directory: Path) -> str:
+  path = directory / 'routing_iterations.json'
+  if not path.is_file():
+    return ''
+  rows = json.loads(path.read_text())['results']
+  lines = ['| r | gradient | routing fwd+bwd peak MB | whole step peak MB | '
+           'whole step s |', '| --- | --- | --- | --- | --- |']
+  for row in rows:
+    step = row.get('train_step') or {}
+    memory = (step.get('memory') or {}).get('peak_bytes')
+    routing = row['routing_forward_backward']['memory']
+    routing_mb = '-' if not routing else f"{routing['peak_bytes'] / 1e6:.1f}"
+    step_mb = '-' if memory is None else f'{memory / 1e6:.1f}'
+    step_s = ('-' if step.get('median_s') is None
+              else f"{step['median_s']:.3f}")
+    gradient = 'stopped' if row['stop_gradient_intermediate'] else 'full'
+    lines.append(f"| {row['iterations']} | {gradient} | {routing_mb} | "
+                 f'{step_mb} | {step_s} |')
+  return '\n'.join(lines)
+
+
+def summary(directory: Path) -> str:
+  sections = [('Machines', machines(directory)),
+              ('Training step, medians over runs', table(directory)),
+              ('Ratios measured side by side, per run', side_by_side(directory)),
+              ('Other experiments (float32)', experiments(directory)),
+              ('Peak memory per routing iteration count',
+               routing_memory(directory))]
+  return '\n\n'.join(f'### {title}\n\n{body}' for title, body in sections
+                      if body)
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if len(argv) != 1 or not Path(argv[0]).is_dir():
     print('usage: python benchmarks/summarize.py DIR', file=sys.stderr)
     return 2
-  print(table(Path(argv[0])))
+  print(summary(Path(argv[0])))
   return 0
 
 

@@ -38,6 +38,14 @@ output), the Adam update, and the host input pipeline
 (`train.input_pipeline.train_batch` on arrays the size of MNIST's training
 split).
 
+`--experiments multimnist,affnist,baseline_cnn,lenet5` also times the
+other experiments' training steps (train/configs/; random inputs of their
+shapes: MultiMNIST 36x36 with two labels, affNIST 40x40) in float32, and
+compares each with what the MNIST step predicts from XLA's executed FLOP
+counts: predicted = MNIST step time x (the experiment's executed FLOPs /
+the MNIST step's), per batch of the same size; `slowdown` = measured /
+predicted (above 1: slower per FLOP than the MNIST step).
+
 `--profile DIR` writes a jax.profiler trace of a few steps per precision
 (open with TensorBoard's profile plugin or Perfetto).
 
@@ -75,6 +83,9 @@ from train import train as train_lib  # pylint: disable=g-import-not-at-top
 
 TORCH_SCRIPT = Path(__file__).resolve().parent / 'torch_reference.py'
 TORCH_PYTHON_VARIABLE = 'CAPSJAX_TORCH_PYTHON'
+# --experiments: name -> (config module in train/configs, labels per image).
+EXPERIMENTS = {'multimnist': ('multimnist', 2), 'affnist': ('affnist', 1),
+               'baseline_cnn': ('baseline_cnn', 1), 'lenet5': ('lenet5', 1)}
 MNIST_TRAIN_EXAMPLES = 55000  # 60,000 minus the 5,000 validation examples
 
 
@@ -107,6 +118,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="PyTorch's thread count (JAX uses every core)")
   parser.add_argument('--breakdown', action='store_true',
                       help='also time the parts of the step separately')
+  parser.add_argument('--experiments', default='',
+                      help='comma-separated: ' + ', '.join(EXPERIMENTS))
   parser.add_argument('--profile', metavar='DIR',
                       help='write a jax.profiler trace here')
   parser.add_argument('--profile-steps', type=int, default=3)
@@ -115,6 +128,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   common.add_conv_method_argument(parser)
   args = parser.parse_args(argv)
   args.precision = [p.strip() for p in args.precision.split(',') if p.strip()]
+  args.experiments = [e.strip() for e in args.experiments.split(',')
+                      if e.strip()]
+  if any(name not in EXPERIMENTS for name in args.experiments):
+    parser.error(f'--experiments must be from {tuple(EXPERIMENTS)}')
   unknown = [p for p in args.precision if p not in train_lib.PRECISIONS]
   if unknown or not args.precision:
     parser.error(f'--precision must be from {tuple(train_lib.PRECISIONS)}')
@@ -179,6 +196,48 @@ def time_step(config, base_state, batch, args) -> dict[str, Any]:
       'executed_fraction_of_matmul_peak': (
           executed and executed / matmul['flops_per_s']),
   }
+
+
+def experiment_config(name: str, batch_size: int):
+  """(config, image shape) of one of EXPERIMENTS."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from train import experiments  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f'train.configs.{EXPERIMENTS[name][0]}')
+  config = module.get_config()
+  config.batch_size = batch_size
+  mnist_images = (np.zeros((1, *common.MNIST_IMAGE_SHAPE), np.float32),
+                  np.zeros((1,), np.int32))
+  return config, experiments.image_shape(config, mnist_images)
+
+
+def time_experiment(name: str, args, mnist: dict[str, Any]
+                    ) -> dict[str, Any]:
+  """One experiment's float32 step, against the MNIST step's prediction."""
+  config, image_shape = experiment_config(name, args.batch_size)
+  batch = common.random_batch(args.batch_size, image_shape)
+  labels_per_image = EXPERIMENTS[name][1]
+  if labels_per_image > 1:  # MultiMNIST: two distinct classes and the two
+    first = np.asarray(batch['label'])  # digits to reconstruct.
+    batch['label'] = jnp.asarray(np.stack(
+        [first, (first + 1 + first % 9) % 10], axis=1), jnp.int32)
+    batch['digits'] = jnp.stack([batch['image'], batch['image']], axis=1)
+  state = common.create_state(config, image_shape)
+  step = common.benchmark_train_step(
+      config, common.state_for(state, config), batch,
+      repeats=args.steps, warmup=args.warmup)
+  result = {
+      'config': f'train/configs/{EXPERIMENTS[name][0]}.py',
+      'image_shape': list(image_shape),
+      'median_step_s': step['median_s'], 'iqr_step_s': step['iqr_s'],
+      'step_times_s': step['times_s'], 'images_per_s': step['images_per_s'],
+      'compile_s': step['compile_s'], 'memory': step['memory'],
+      'flops_executed': step['flops']}
+  if step['flops'] and mnist.get('flops_executed'):
+    predicted = mnist['median_step_s'] * step['flops'] / mnist[
+        'flops_executed']
+    result.update(predicted_step_s=predicted,
+                  slowdown=step['median_s'] / predicted)
+  return result
 
 
 def profile(directory: str, configs, base_state, batch, steps: int) -> None:
@@ -434,6 +493,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f'{precision}: training step...', flush=True)
     results[precision] = time_step(config, base_state, batch, args)
 
+  experiment_results = {}
+  if args.experiments:
+    if 'float32' not in results:
+      raise SystemExit('--experiments compares with the float32 MNIST step: '
+                       'include float32 in --precision')
+    for name in args.experiments:
+      print(f'{name}: training step...', flush=True)
+      experiment_results[name] = time_experiment(name, args,
+                                                 results['float32'])
+
   breakdowns = None
   if args.breakdown:
     breakdowns = {}
@@ -472,6 +541,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
        'compile s', 'peak MB', 'model GFLOP/step', 'GFLOP/s',
        'matmul GFLOP/s', 'model FLOPs of matmul rate',
        'executed GFLOP/step', 'executed of matmul rate'], rows))
+  if experiment_results:
+    print('\nother experiments, float32 (predicted: the MNIST step time '
+          "scaled by XLA's executed FLOPs):")
+    print(common.format_table(
+        ['experiment', 'input', 'median s', 'img/s', 'executed GFLOP',
+         'predicted s', 'measured / predicted'],
+        [[name, 'x'.join(map(str, r['image_shape'])),
+          f"{r['median_step_s']:.4f}", f"{r['images_per_s']:.1f}",
+          f"{(r['flops_executed'] or 0) / 1e9:.2f}",
+          f"{r.get('predicted_step_s', float('nan')):.4f}",
+          f"{r.get('slowdown', float('nan')):.2f}"]
+         for name, r in experiment_results.items()]))
   if breakdowns:
     for precision, result in breakdowns.items():
       print_breakdown(precision, result, results[precision]['median_step_s'])
@@ -501,6 +582,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'torch': torch_report,
       'speed_ratios': ratios,
       'skipped': skipped,
+      'experiments': experiment_results or None,
       'breakdown': breakdowns,
       'machine': machine,
   }

@@ -333,3 +333,38 @@ def test_summarize_takes_medians_over_runs(tmp_path):
       '| float32 | patches | glibc default | 4.00 s (1 run) | 32.0 '
       '| 2.00 s (1 run) | 0.50x |',
   ]
+
+
+def test_summary_names_the_machine_and_the_side_by_side_ratios(tmp_path):
+  machine = {'cpu_model': 'Some CPU', 'cpu_flags': ['avx2', 'fma'],
+             'cpu_bfloat16': False, 'cpus_usable': 2, 'device_kind': 'cpu',
+             'jax': '0.10.2'}
+  report = {
+      'settings': {'batch_size': 128, 'conv_method': 'auto',
+                   'reuse_freed_host_memory': True},
+      'results': {'float32': {
+          'median_step_s': 0.5, 'matmul': {'flops_per_s': 100e9},
+          'flops_executed': 40e9, 'executed_fraction_of_matmul_peak': 0.8}},
+      'torch': {'results': {'float32': {'median_step_s': 2.0}}},
+      'speed_ratios': {'float32': {'torch_median_step_s': 2.0,
+                                   'jax_speedup': 4.0}},
+      'skipped': {'bfloat16': 'no bfloat16 instructions'},
+      'experiments': {'lenet5': {
+          'image_shape': [28, 28, 1], 'median_step_s': 0.01,
+          'images_per_s': 12800.0, 'flops_executed': 1e8,
+          'predicted_step_s': 0.005, 'slowdown': 2.0}},
+      'machine': machine}
+  (tmp_path / 'train_step_1.json').write_text(json.dumps(report))
+  from benchmarks import summarize  # pylint: disable=g-import-not-at-top
+  text = summarize.summary(tmp_path)
+  assert 'Some CPU; CPU flags: avx2 fma; bfloat16 instructions: False' in text
+  assert '| 4.00x |' in text and '| 80% |' in text
+  assert 'bfloat16: not timed' in text
+  assert '| lenet5 | 28x28x1 |' in text and '| 2.00 |' in text
+
+
+def test_experiments_are_checked():
+  assert train_step.parse_args(['--experiments', 'lenet5,affnist']
+                               ).experiments == ['lenet5', 'affnist']
+  with pytest.raises(SystemExit):
+    train_step.parse_args(['--experiments', 'cifar'])

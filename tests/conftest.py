@@ -15,7 +15,7 @@ if str(REPO_ROOT) not in sys.path:  # Import `train` without installing it.
   sys.path.insert(0, str(REPO_ROOT))
 
 from train import datasets  # pylint: disable=g-import-not-at-top
-from train import input_pipeline  # pylint: disable=g-import-not-at-top
+from train import tfds_splits  # pylint: disable=g-import-not-at-top
 
 SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data'
 
@@ -75,9 +75,9 @@ def mnist_tfds_dir(mnist_idx_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope='session')
-def mnist_splits(mnist_idx_dir, mnist_tfds_dir) -> input_pipeline.Splits:
+def mnist_splits(mnist_idx_dir, mnist_tfds_dir) -> tfds_splits.Splits:
   start = time.perf_counter()
-  splits = input_pipeline.load_splits('mnist', str(mnist_idx_dir),
+  splits = tfds_splits.load_splits('mnist', str(mnist_idx_dir),
                                       str(mnist_tfds_dir))
   _timings['load_splits(mnist), prepared'] = time.perf_counter() - start
   return splits

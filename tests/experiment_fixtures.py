@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from train import datasets
-from train import experiments
-from train import input_pipeline
+from train import models
+from train import tfds_splits
 from train import train
+from train import trained
+from train import workdir as workdir_lib
 
 
 @pytest.fixture(scope='module')
@@ -20,20 +22,20 @@ def small_splits(mnist_idx_dir):
   images, labels = datasets.read_idx_split(
       mnist_idx_dir / spec['test_images'].filename,
       mnist_idx_dir / spec['test_labels'].filename)
-  images = input_pipeline.to_float_images(images[:300])
+  images = tfds_splits.to_float_images(images[:300])
   labels = labels[:300].astype(np.int32)
-  return input_pipeline.Splits(images[:100], labels[:100], images[100:200],
+  return tfds_splits.Splits(images[:100], labels[:100], images[100:200],
                                labels[100:200], images[200:], labels[200:])
 
 
 @pytest.fixture(autouse=True)
 def fake_loading(monkeypatch, small_splits):
-  """`input_pipeline.load_splits` returns `small_splits` (no tfds)."""
+  """`tfds_splits.load_splits` returns `small_splits` (no tfds)."""
   def load_splits(dataset, data_dir, tfds_data_dir, validation_size=5000):
     del data_dir, tfds_data_dir, validation_size
     assert dataset == 'mnist'
     return small_splits
-  monkeypatch.setattr(input_pipeline, 'load_splits', load_splits)
+  monkeypatch.setattr(tfds_splits, 'load_splits', load_splits)
 
 
 def tiny(config):
@@ -79,11 +81,11 @@ def check_run(workdir, results, config, image_size):
   assert results['test_examples'] == 6
   assert 0.0 <= results['test_accuracy'] <= 1.0
   assert np.isfinite(results['test_loss'])
-  saved = experiments.load_config(workdir)
+  saved = workdir_lib.load_config(workdir)
   assert saved.dataset == config.dataset
-  assert experiments.model_name(saved) == config.model.name
+  assert models.model_name(saved) == config.model.name
   records = [json.loads(line)
              for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  restored = experiments.restore_best(workdir)
+  restored = trained.restore_best(workdir)
   assert restored.image_shape == (image_size, image_size, 1)
   return [r for r in records if r['kind'] == 'epoch'][0]

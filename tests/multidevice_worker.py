@@ -30,7 +30,7 @@ if str(REPO_ROOT) not in sys.path:
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from train import input_pipeline  # pylint: disable=g-import-not-at-top
+from train import tfds_splits  # pylint: disable=g-import-not-at-top
 from train import train  # pylint: disable=g-import-not-at-top
 from train.configs import default  # pylint: disable=g-import-not-at-top
 
@@ -63,14 +63,14 @@ def main() -> None:
   args = parser.parse_args()
 
   if args.delay_data_on_process_0:
-    load_splits = input_pipeline.load_splits
+    load_splits = tfds_splits.load_splits
 
     def slow_load_splits(*load_args, **load_kwargs):
       if jax.process_index() == 0:  # Known only once jax.distributed is up.
         time.sleep(args.delay_data_on_process_0)
       return load_splits(*load_args, **load_kwargs)
 
-    input_pipeline.load_splits = slow_load_splits
+    tfds_splits.load_splits = slow_load_splits
 
   final = {}
   test_best = train._test_best  # pylint: disable=protected-access

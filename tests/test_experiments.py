@@ -9,7 +9,7 @@ from experiment_fixtures import run
 from experiment_fixtures import small_splits  # pylint: disable=unused-import
 from experiment_fixtures import workdirs  # pylint: disable=unused-import
 from train import figures
-from train import train
+from train import config_checks
 from train.configs import affnist
 from train.configs import baseline_cnn
 from train.configs import default
@@ -44,20 +44,20 @@ def test_multimnist_figures_command(workdirs, tmp_path_factory, tmp_path):
 def test_config_errors_are_named():
   config = default.get_config()
   config.dataset = 'multimnist'
-  with pytest.raises(train.ConfigError, match='configs/multimnist.py'):
-    train.validate_config(config, 1)
+  with pytest.raises(config_checks.ConfigError, match='configs/multimnist.py'):
+    config_checks.validate_config(config, 1)
   config = baseline_cnn.get_config()
   config.reconstruction_weight = 0.0005
-  with pytest.raises(train.ConfigError, match='reconstruction_weight'):
-    train.validate_config(config, 1)
+  with pytest.raises(config_checks.ConfigError, match='reconstruction_weight'):
+    config_checks.validate_config(config, 1)
   config = multimnist.get_config()
   config.max_shift = 5
-  with pytest.raises(train.ConfigError, match='max_shift'):
-    train.validate_config(config, 1)
+  with pytest.raises(config_checks.ConfigError, match='max_shift'):
+    config_checks.validate_config(config, 1)
   config = default.get_config()
   config.model.name = 'resnet'
-  with pytest.raises(train.ConfigError, match='model.name'):
-    train.validate_config(config, 1)
+  with pytest.raises(config_checks.ConfigError, match='model.name'):
+    config_checks.validate_config(config, 1)
   for model in ('baseline_cnn', 'lenet5'):
     assert multimnist.get_config(model).model.name == model
     assert affnist.get_config(model).reconstruction_weight == 0

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from train import datasets
-from train import input_pipeline as ip
+from train import batching
+from train import tfds_splits
 from train.datasets import DataError
 
 TEST_CLASS_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -66,10 +67,11 @@ def test_second_load_does_not_prepare_again(mnist_splits, mnist_idx_dir,
                                             mnist_tfds_dir, monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError('prepared again')
+  # The given IDX files are verified on every run; preparing is once.
   monkeypatch.setattr(datasets.CapsjaxMnist, 'download_and_prepare', fail)
-  monkeypatch.setattr(datasets, 'verify_idx_files', fail)
-  splits = ip.load_splits('mnist', str(mnist_idx_dir), str(mnist_tfds_dir),
-                          validation_size=10000)
+  splits = tfds_splits.load_splits(
+      'mnist', str(mnist_idx_dir), str(mnist_tfds_dir),
+      validation_size=10000)
   assert len(splits.train_labels) == 50000
   np.testing.assert_array_equal(splits.test_labels, mnist_splits.test_labels)
 
@@ -83,8 +85,8 @@ def test_fast_parsing_matches_tfds_decoding(mnist_tfds_dir):
       deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
   records = raw.__getitems__(range(0, 10000, 7))
   features = builder.info.features
-  fast = ip._parse_records_fast(records)  # pylint: disable=protected-access
-  slow = ip._parse_records_with_tfds(  # pylint: disable=protected-access
+  fast = tfds_splits._parse_records_fast(records)  # pylint: disable=protected-access
+  slow = tfds_splits._parse_records_with_tfds(  # pylint: disable=protected-access
       records, features)
   for fast_array, slow_array in zip(fast, slow):
     np.testing.assert_array_equal(fast_array, slow_array)
@@ -92,26 +94,31 @@ def test_fast_parsing_matches_tfds_decoding(mnist_tfds_dir):
 
 def test_unknown_dataset_is_named():
   with pytest.raises(DataError, match='kmnist'):
-    ip.load_splits('kmnist', None, '/tmp/unused')
+    tfds_splits.load_splits('kmnist', None, '/tmp/unused')
 
 
 def test_missing_explicit_data_dir_is_named(tmp_path):
   missing = tmp_path / 'no_such_dir'
   with pytest.raises(DataError, match='no_such_dir'):
-    ip.load_splits('mnist', str(missing), str(tmp_path / 'tfds'))
+    tfds_splits.load_splits('mnist', str(missing), str(tmp_path / 'tfds'))
 
 
 def test_default_data_dir_is_shared_copy_else_download(tmp_path, monkeypatch):
   for empty in (None, ''):
-    assert ip.resolve_idx_dir('mnist', empty) == ip.default_idx_dir('mnist')
+    assert tfds_splits.resolve_idx_dir('mnist', empty) == tfds_splits.default_idx_dir('mnist')
   (tmp_path / 'mnist').mkdir()
-  monkeypatch.setattr(ip, 'SHARED_DATA_DIR', tmp_path)
-  assert ip.resolve_idx_dir('mnist', None) == tmp_path / 'mnist'
-  assert ip.resolve_idx_dir('fashion_mnist', None) is None  # Download.
+  monkeypatch.setattr(tfds_splits, 'SHARED_DATA_DIR', tmp_path)
+  assert tfds_splits.resolve_idx_dir('mnist', None) == tmp_path / 'mnist'
+  assert tfds_splits.resolve_idx_dir('fashion_mnist', None) is None  # Download.
 
 
 # ---------------------------------------------------------------------------
-# random_shift.
+# Random shifts.
+
+
+def random_shift(images, rng, max_shift=2):
+  return batching.shift_images(
+      images, batching.sample_shifts(rng, len(images), max_shift))
 
 
 def shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -130,13 +137,13 @@ def random_images(num_images=64, size=10, seed=0):
 
 def test_shift_zero_is_identity():
   images = random_images()
-  out = ip.random_shift(images, np.random.default_rng(0), max_shift=0)
+  out = random_shift(images, np.random.default_rng(0), max_shift=0)
   np.testing.assert_array_equal(out, images)
 
 
 def test_shift_matches_reference_and_uses_the_whole_range():
   images = random_images(num_images=400)
-  out = ip.random_shift(images, np.random.default_rng(1), max_shift=2)
+  out = random_shift(images, np.random.default_rng(1), max_shift=2)
   used = set()
   for image, result in zip(images, out):
     matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
@@ -148,9 +155,9 @@ def test_shift_matches_reference_and_uses_the_whole_range():
 
 def test_shift_is_deterministic_for_a_seed():
   images = random_images()
-  first = ip.random_shift(images, np.random.default_rng(7))
-  second = ip.random_shift(images, np.random.default_rng(7))
-  other = ip.random_shift(images, np.random.default_rng(8))
+  first = random_shift(images, np.random.default_rng(7))
+  second = random_shift(images, np.random.default_rng(7))
+  other = random_shift(images, np.random.default_rng(8))
   np.testing.assert_array_equal(first, second)
   assert not np.array_equal(first, other)
 
@@ -158,7 +165,7 @@ def test_shift_is_deterministic_for_a_seed():
 def test_shift_images_on_unbatched_channels_and_2d():
   images = random_images(num_images=3)[..., 0]  # (N, H, W)
   shifts = np.array([[1, 0], [0, -2], [-1, 1]])
-  out = ip.shift_images(images, shifts)
+  out = batching.shift_images(images, shifts)
   for image, (dy, dx), result in zip(images, shifts, out):
     np.testing.assert_array_equal(result, shifted(image, dy, dx))
 
@@ -168,20 +175,20 @@ def test_shift_images_on_unbatched_channels_and_2d():
 
 
 def test_steps_per_epoch_drops_the_partial_batch():
-  assert ip.steps_per_epoch(103, 10) == 10
-  assert ip.steps_per_epoch(100, 10) == 10
+  assert batching.steps_per_epoch(103, 10) == 10
+  assert batching.steps_per_epoch(100, 10) == 10
   with pytest.raises(ValueError):
-    ip.steps_per_epoch(5, 10)
+    batching.steps_per_epoch(5, 10)
 
 
 def test_train_batch_is_a_function_of_seed_and_step():
   data = id_dataset()
-  first = ip.train_batch(data, step=3, batch_size=10, seed=1)
-  again = ip.train_batch(data, step=3, batch_size=10, seed=1)
+  first = batching.train_batch(data, step=3, batch_size=10, seed=1)
+  again = batching.train_batch(data, step=3, batch_size=10, seed=1)
   for key in ('image', 'label'):
     np.testing.assert_array_equal(first[key], again[key])
-  other_seed = ip.train_batch(data, step=3, batch_size=10, seed=2)
-  other_step = ip.train_batch(data, step=4, batch_size=10, seed=1)
+  other_seed = batching.train_batch(data, step=3, batch_size=10, seed=2)
+  other_step = batching.train_batch(data, step=4, batch_size=10, seed=1)
   assert not np.array_equal(first['label'], other_seed['label'])
   assert not np.array_equal(first['label'], other_step['label'])
   assert first['image'].dtype == np.float32
@@ -190,7 +197,7 @@ def test_train_batch_is_a_function_of_seed_and_step():
 
 def test_steps_of_an_epoch_are_disjoint():
   data = id_dataset(num_examples=103)
-  labels = [ip.train_batch(data, step, batch_size=10, seed=0,
+  labels = [batching.train_batch(data, step, batch_size=10, seed=0,
                            max_shift=0)['label'] for step in range(10)]
   seen = np.concatenate(labels)
   assert len(np.unique(seen)) == 100  # 10 steps x 10, none repeated.
@@ -198,7 +205,7 @@ def test_steps_of_an_epoch_are_disjoint():
 
 def test_batch_rows_are_the_images_of_their_labels():
   images, labels = id_dataset()
-  batch = ip.train_batch((images, labels), step=2, batch_size=16, seed=0,
+  batch = batching.train_batch((images, labels), step=2, batch_size=16, seed=0,
                          max_shift=0)
   np.testing.assert_array_equal(batch['image'], images[batch['label']])
 
@@ -206,8 +213,8 @@ def test_batch_rows_are_the_images_of_their_labels():
 def test_process_slices_make_up_the_global_batch():
   data = id_dataset()
   for step in (0, 11):
-    whole = ip.train_batch(data, step, batch_size=16, seed=5)
-    parts = [ip.train_batch(data, step, batch_size=16, seed=5,
+    whole = batching.train_batch(data, step, batch_size=16, seed=5)
+    parts = [batching.train_batch(data, step, batch_size=16, seed=5,
                             process_index=p, process_count=2)
              for p in range(2)]
     for key in ('image', 'label'):
@@ -218,26 +225,28 @@ def test_process_slices_make_up_the_global_batch():
 
 def test_epoch_boundary():
   data = id_dataset(num_examples=103)
-  steps = ip.steps_per_epoch(103, 10)
+  steps = batching.steps_per_epoch(103, 10)
   epoch_0 = np.concatenate([
-      ip.train_batch(data, s, 10, seed=0)['label'] for s in range(steps)])
+      batching.train_batch(data, s, 10, seed=0)['label'] for s in range(steps)])
   epoch_1 = np.concatenate([
-      ip.train_batch(data, s, 10, seed=0)['label']
+      batching.train_batch(data, s, 10, seed=0)['label']
       for s in range(steps, 2 * steps)])
   assert len(np.unique(epoch_0)) == len(np.unique(epoch_1)) == 100
   assert not np.array_equal(epoch_0, epoch_1)  # A new permutation.
   # Going back to an earlier epoch gives the same batch again (resume).
   np.testing.assert_array_equal(
-      ip.train_batch(data, 0, 10, seed=0)['label'], epoch_0[:10])
+      batching.train_batch(data, 0, 10, seed=0)['label'], epoch_0[:10])
 
 
 def test_train_batch_checks_process_split():
   with pytest.raises(ValueError, match='divide'):
-    ip.train_batch(id_dataset(), 0, batch_size=10, seed=0, process_count=3)
+    batching.train_batch(id_dataset(), 0, batch_size=10, seed=0, process_count=3)
 
 
 def test_train_batch_on_real_splits(mnist_splits):
-  batch = ip.train_batch(mnist_splits, step=1000, batch_size=128, seed=0)
+  batch = batching.train_batch(
+      (mnist_splits.train_images, mnist_splits.train_labels), step=1000,
+      batch_size=128, seed=0)
   assert batch['image'].shape == (128, 28, 28, 1)
   assert batch['label'].shape == (128,)
   assert 0.0 <= batch['image'].min() and batch['image'].max() <= 1.0
@@ -245,11 +254,12 @@ def test_train_batch_on_real_splits(mnist_splits):
 
 def test_train_batches_iterates_steps():
   data = id_dataset()
-  batches = list(ip.train_batches(data, 10, seed=0, start_step=4,
-                                  num_steps=3))
+  batches = list(batching.batches_of_steps(
+      lambda step: batching.train_batch(data, step, 10, seed=0),
+      start_step=4, num_steps=3))
   assert len(batches) == 3
   np.testing.assert_array_equal(
-      batches[2]['label'], ip.train_batch(data, 6, 10, seed=0)['label'])
+      batches[2]['label'], batching.train_batch(data, 6, 10, seed=0)['label'])
 
 
 # ---------------------------------------------------------------------------
@@ -259,8 +269,8 @@ def test_train_batches_iterates_steps():
 @pytest.mark.parametrize('batch_size', [16, 103, 200])
 def test_eval_batches_cover_everything_once(batch_size):
   images, labels = id_dataset(num_examples=103)
-  batches = list(ip.eval_batches(images, labels, batch_size))
-  assert len(batches) == ip.num_eval_batches(103, batch_size)
+  batches = list(batching.eval_batches(images, labels, batch_size))
+  assert len(batches) == batching.num_eval_batches(103, batch_size)
   for batch in batches:
     assert batch['image'].shape == (batch_size, 6, 6, 1)
     assert batch['mask'].dtype == np.float32
@@ -277,8 +287,8 @@ def test_eval_batches_cover_everything_once(batch_size):
 
 def test_eval_process_slices_make_up_the_batches():
   images, labels = id_dataset(num_examples=103)
-  whole = list(ip.eval_batches(images, labels, 16))
-  hosts = [list(ip.eval_batches(images, labels, 16, p, 2)) for p in range(2)]
+  whole = list(batching.eval_batches(images, labels, 16))
+  hosts = [list(batching.eval_batches(images, labels, 16, p, 2)) for p in range(2)]
   assert len(hosts[0]) == len(hosts[1]) == len(whole)
   for index, batch in enumerate(whole):
     for key in ('image', 'label', 'mask'):
@@ -291,14 +301,14 @@ def test_eval_process_slices_make_up_the_batches():
 
 
 def test_prefetch_yields_everything_in_order():
-  assert list(ip.prefetch(iter(range(50)), size=3)) == list(range(50))
+  assert list(batching.prefetch(iter(range(50)), size=3)) == list(range(50))
 
 
 def test_prefetch_reraises_errors():
   def broken():
     yield 1
     raise RuntimeError('boom')
-  iterator = ip.prefetch(broken())
+  iterator = batching.prefetch(broken())
   assert next(iterator) == 1
   with pytest.raises(RuntimeError, match='boom'):
     next(iterator)
@@ -313,7 +323,7 @@ def test_prefetch_runs_ahead_and_stops_when_closed():
       yield item
 
   threads_before = threading.active_count()
-  iterator = ip.prefetch(counting(), size=2)
+  iterator = batching.prefetch(counting(), size=2)
   deadline = time.monotonic() + 5
   while len(produced) < 3 and time.monotonic() < deadline:
     time.sleep(0.01)
@@ -330,7 +340,7 @@ def test_prefetch_runs_ahead_and_stops_when_closed():
 
 def test_prefetch_thread_stops_when_dropped():
   threads_before = threading.active_count()
-  iterator = ip.prefetch(iter(range(1000)), size=2)
+  iterator = batching.prefetch(iter(range(1000)), size=2)
   assert next(iterator) == 0
   del iterator
   deadline = time.monotonic() + 5

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from train import datasets
-from train import experiments
-from train import input_pipeline
+from train import trained
+from train import tfds_splits
 from train import pretrained
 from train.configs import default
 
@@ -34,7 +34,7 @@ def test_export_then_load_gives_the_best_checkpoint(workdirs, tmp_path_factory,
   assert pretrained.available(tmp_path) == ['tiny']
 
   model, params = pretrained.load('tiny', tmp_path)
-  expected = experiments.restore_best(workdir).state.params
+  expected = trained.restore_best(workdir).state.params
   chex.assert_trees_all_equal(params, jax.device_get(expected))
   images = jnp.asarray(small_splits.test_images[:4])
   output = model.apply({'params': params}, images)
@@ -67,7 +67,7 @@ def test_shipped_mnist_model_classifies_real_test_digits(mnist_idx_dir):
   images, labels = datasets.read_idx_split(
       mnist_idx_dir / spec['test_images'].filename,
       mnist_idx_dir / spec['test_labels'].filename)
-  images = jnp.asarray(input_pipeline.to_float_images(images[:count]))
+  images = jnp.asarray(tfds_splits.to_float_images(images[:count]))
   predictions = jax.jit(lambda images: model.apply(
       {'params': params}, images).lengths.argmax(-1))(images)
   errors = int(np.sum(np.asarray(predictions) != labels[:count]))

@@ -34,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from train import reporting
 from train import train
 
 import multidevice_worker  # pylint: disable=g-bad-import-order
@@ -773,7 +774,7 @@ class _PendingStep:
 def test_progress_counts_completed_steps_not_queued_ones(capsys, monkeypatch):
   """Dispatch is asynchronous: the bar waits for the step it reports."""
   events: list[str] = []
-  progress = train.Progress(first_step=0, total_steps=10)
+  progress = reporting.Progress(first_step=0, total_steps=10)
   monkeypatch.setattr(
       'builtins.print',
       lambda *args, **kwargs: events.append('printed'))

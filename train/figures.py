@@ -29,15 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import capsjax
+from train import input_pipeline
+from train import models
+from train import reporting
+from train import trained
 
 PERTURBATIONS = tuple(np.round(np.arange(-0.25, 0.2501, 0.05), 2))  # 11
-
-
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
 
 
 # ---------------------------------------------------------------------------
@@ -110,7 +107,7 @@ def save_perturbation_png(path: Path, grid: np.ndarray,
   pixel, exactly `(dim * (H + 1) - 1) * scale` tall; returns the image."""
   image = np.clip(mosaic(grid), 0, 1)
   image = np.kron(image, np.ones((scale, scale), np.float32))
-  _pyplot().imsave(path, image, cmap='gray', vmin=0, vmax=1)
+  reporting.pyplot().imsave(path, image, cmap='gray', vmin=0, vmax=1)
   return image
 
 
@@ -118,34 +115,6 @@ def two_colour(reconstructions: np.ndarray) -> np.ndarray:
   """`(N, 2, H, W, 1)` -> `(N, H, W, 3)` RGB: digit 1 red, digit 2 green."""
   red, green = reconstructions[:, 0, ..., 0], reconstructions[:, 1, ..., 0]
   return np.clip(np.stack([red, green, np.zeros_like(red)], -1), 0, 1)
-
-
-def save_reconstructions_png(path: Path, images: np.ndarray,
-                             labels: np.ndarray, predictions: np.ndarray,
-                             reconstructions: np.ndarray,
-                             per_row: int = 8) -> None:
-  """Pairs (image | reconstruction) in a grid, titled 'P:pred L:true'."""
-  plt = _pyplot()
-  count = len(images)
-  rows = -(-count // per_row)
-  figure, axes = plt.subplots(rows, 2 * per_row,
-                              figsize=(1.1 * 2 * per_row, 1.3 * rows),
-                              squeeze=False)
-  for axis in axes.ravel():
-    axis.set_axis_off()
-  for index in range(count):
-    row, col = divmod(index, per_row)
-    left, right = axes[row, 2 * col], axes[row, 2 * col + 1]
-    left.imshow(images[index, ..., 0], cmap='gray', vmin=0, vmax=1)
-    right.imshow(reconstructions[index, ..., 0], cmap='gray', vmin=0, vmax=1)
-    colour = 'black' if predictions[index] == labels[index] else 'red'
-    left.set_title(f'L:{labels[index]}', fontsize=7)
-    right.set_title(f'P:{predictions[index]}', fontsize=7, color=colour)
-  figure.suptitle('test digit (left), reconstruction from the longest '
-                  'capsule (right)', fontsize=9)
-  figure.tight_layout()
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
 
 
 def save_multimnist_png(path: Path, images: np.ndarray, labels: np.ndarray,
@@ -156,7 +125,7 @@ def save_multimnist_png(path: Path, images: np.ndarray, labels: np.ndarray,
   labels, predictions: `(N, 2)`; reconstructions `(N, 2, H, W, 1)`, decoded
   from the capsules of `predictions`.
   """
-  plt = _pyplot()
+  plt = reporting.pyplot()
   count = len(images)
   figure, axes = plt.subplots(2, count, figsize=(1.3 * count, 3.0),
                               squeeze=False)
@@ -209,7 +178,8 @@ def draw_all(model: capsjax.CapsNet, params, images: np.ndarray,
                         reconstructions)
     written.append(out / 'multimnist.png')
   else:
-    save_reconstructions_png(out / 'reconstructions.png', images, labels,
+    reporting.save_reconstructions_png(out / 'reconstructions.png', images,
+                                       labels,
                              lengths.argmax(-1),
                              np.asarray(output.reconstructions))
     written.append(out / 'reconstructions.png')
@@ -227,7 +197,6 @@ def draw_all(model: capsjax.CapsNet, params, images: np.ndarray,
 
 def main(argv: Sequence[str] | None = None) -> int:
   import argparse  # pylint: disable=g-import-not-at-top
-  from train import experiments  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(
       description='Reconstruction, dimension-perturbation and MultiMNIST '
@@ -240,29 +209,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='indices of the test examples to perturb')
   args = parser.parse_args(argv)
   workdir = Path(args.workdir).expanduser()
-  restored = experiments.restore_best(workdir)
+  restored = trained.restore_best(workdir)
   config = restored.config
-  if experiments.is_baseline(config):
-    print(f'error: {workdir} holds a {experiments.model_name(config)}: no '
+  if not models.MODELS[models.model_name(config)].has_decoder:
+    print(f'error: {workdir} holds a {models.model_name(config)}: no '
           'capsules to draw', file=sys.stderr)
     return 2
-  splits = experiments.load_source_splits(config)
-  test = (splits.test_images, splits.test_labels)
-  if config.dataset != 'multimnist':  # Pairs draw partners from all digits.
-    test = (test[0][:args.num_examples], test[1][:args.num_examples])
-  config.num_eval_examples = args.num_examples  # only the pairs drawn
-  _, _, (images, labels) = experiments.prepare_data(
-      config, None, (splits.validation_images, splits.validation_labels),
-      test)
-  images, labels = images[:args.num_examples], labels[:args.num_examples]
-  written = draw_all(restored.model, restored.state.params, np.asarray(images),
-                     np.asarray(labels),
+  # The run's own test set (all of it: MultiMNIST pairs draw partners from
+  # every test digit), of which the first examples are drawn.
+  config.num_eval_examples = -1
+  splits = input_pipeline.load_source_splits(config)
+  _, _, test = input_pipeline.training_data(config, splits)
+  examples = test.first(args.num_examples)
+  written = draw_all(restored.model, restored.state.params,
+                     np.asarray(examples['image']),
+                     np.asarray(examples['label']),
                      Path(args.out).expanduser() if args.out else workdir,
                      [int(i) for i in args.perturb.split(',') if i])
   for path in written:
     print(f'wrote {path}')
   return 0
-
 
 if __name__ == '__main__':
   sys.exit(main())

@@ -15,7 +15,9 @@ from absl import logging
 from ml_collections import config_flags
 
 from train import checkpoints
+from train import config_checks
 from train import host_memory
+from train import reporting
 from train import train
 
 FLAGS = flags.FLAGS
@@ -145,9 +147,9 @@ def main(argv):
   try:
     train.train_and_evaluate(config, FLAGS.workdir,
                              allow_config_change=FLAGS.allow_config_change)
-  except train.ConfigError as error:
+  except config_checks.ConfigError as error:
     fail(str(error))
-  except (train.TrainingDiverged, checkpoints.CheckpointError) as error:
+  except (reporting.TrainingDiverged, checkpoints.CheckpointError) as error:
     fail(str(error), status=1)
 
 

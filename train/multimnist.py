@@ -13,7 +13,7 @@ Every pair is returned as a dict of numpy arrays:
           target of the reconstruction of that digit's capsule.
 
 Training pairs are made on the fly, a pure function of (seed, step) as
-`input_pipeline.train_batch`: each epoch every training digit is the first
+`batching.train_batch`: each epoch every training digit is the first
 digit of one pair (same epoch permutation as MNIST training), its partner is
 drawn uniformly among the training digits of another class, and the shifts
 are random, from an rng seeded by (seed, step). Resuming only needs the step.
@@ -44,9 +44,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Sequence
 
+import ml_collections
 import numpy as np
 
-from train import input_pipeline
+from train import batching
+from train import tfds_splits
+from train import transforms
 
 CANVAS_SIZE = 36
 MAX_SHIFT = 4
@@ -58,30 +61,6 @@ Pairs = dict[str, np.ndarray]
 
 # ---------------------------------------------------------------------------
 # Building blocks.
-
-
-def to_canvas(images: np.ndarray, shifts: np.ndarray,
-              canvas_size: int = CANVAS_SIZE) -> np.ndarray:
-  """Centres each image on a zero canvas, then shifts it by shifts[i].
-
-  Args:
-    images: `(N, h, w, c)` with h, w <= canvas_size.
-    shifts: `(N, 2)` integer (dy, dx); positive moves down / right.
-    canvas_size: side of the square canvas.
-
-  Returns:
-    `(N, canvas_size, canvas_size, c)`. A shift up to (canvas_size - h) / 2
-    keeps the whole image on the canvas.
-  """
-  height, width = images.shape[1:3]
-  if height > canvas_size or width > canvas_size:
-    raise ValueError(f'{height}x{width} images do not fit a {canvas_size} '
-                     'canvas')
-  top, left = (canvas_size - height) // 2, (canvas_size - width) // 2
-  padded = np.pad(images, [(0, 0), (top, canvas_size - height - top),
-                           (left, canvas_size - width - left)] +
-                  [(0, 0)] * (images.ndim - 3))
-  return input_pipeline.shift_images(padded, np.asarray(shifts))
 
 
 def merge(first: np.ndarray, second: np.ndarray,
@@ -112,12 +91,6 @@ def partner_indices(rng: np.random.Generator, labels: np.ndarray,
     second[same] = rng.integers(0, len(labels), size=count)
 
 
-def sample_shifts(rng: np.random.Generator, num_pairs: int,
-                  max_shift: int = MAX_SHIFT) -> np.ndarray:
-  """(num_pairs, 2, 2) shifts: (digit, dy/dx), uniform in [-max, max]."""
-  return rng.integers(-max_shift, max_shift + 1, size=(num_pairs, 2, 2))
-
-
 def make_pairs(images: np.ndarray, labels: np.ndarray, first: np.ndarray,
                second: np.ndarray, shifts: np.ndarray, merge_mode: str = 'max',
                canvas_size: int = CANVAS_SIZE) -> Pairs:
@@ -133,8 +106,9 @@ def make_pairs(images: np.ndarray, labels: np.ndarray, first: np.ndarray,
   Returns:
     dict(image (N, S, S, 1), label (N, 2) int32, digits (N, 2, S, S, 1)).
   """
-  digits = np.stack([to_canvas(images[first], shifts[:, 0], canvas_size),
-                     to_canvas(images[second], shifts[:, 1], canvas_size)],
+  digits = np.stack([
+      transforms.to_canvas(images[first], shifts[:, 0], canvas_size),
+      transforms.to_canvas(images[second], shifts[:, 1], canvas_size)],
                     axis=1)
   return {
       'image': merge(digits[:, 0], digits[:, 1], merge_mode),
@@ -154,15 +128,14 @@ def train_batch(data: tuple[np.ndarray, np.ndarray], step: int,
                 merge_mode: str = 'max') -> Pairs:
   """This process's part of the global batch of MultiMNIST pairs of `step`.
 
-  A pure function of (seed, step): the first digits are rows
-  [i * B, (i + 1) * B) of the (seed, epoch) permutation of the training
-  digits (as `input_pipeline.train_batch`), partners and shifts come from an
-  rng seeded by (seed, 2, step). Process p gets rows [p B / P, (p + 1) B / P).
+  A pure function of (seed, step): the first digits are the rows
+  `batching.step_rows(seed, step, ...)` (as MNIST's training batches),
+  partners and shifts come from an rng seeded by (seed, 2, step). Process p gets rows [p B / P, (p + 1) B / P).
 
   Args:
     data: (images (M, 28, 28, 1), labels (M,)) of the training split.
     step, batch_size, seed, process_index, process_count: as
-      `input_pipeline.train_batch`.
+      `batching.train_batch`.
     max_shift: per-digit shift, 4 in the paper.
     merge_mode: 'max' or 'sum'.
 
@@ -170,28 +143,13 @@ def train_batch(data: tuple[np.ndarray, np.ndarray], step: int,
     dict(image, label, digits) with B / P rows (see the module docstring).
   """
   images, labels = data
-  host_rows = input_pipeline._host_rows(  # pylint: disable=protected-access
-      batch_size, process_index, process_count)
-  epoch, index = divmod(
-      step, input_pipeline.steps_per_epoch(len(labels), batch_size))
-  permutation = input_pipeline._epoch_permutation(  # pylint: disable=protected-access
-      seed, epoch, len(labels))
-  first = permutation[index * batch_size:(index + 1) * batch_size]
+  rows = batching.host_rows(batch_size, process_index, process_count)
+  first = batching.step_rows(seed, step, len(labels), batch_size)
   rng = np.random.default_rng([seed, 2, step])
   second = partner_indices(rng, labels, first)
-  shifts = sample_shifts(rng, batch_size, max_shift)
-  return make_pairs(images, labels, first[host_rows], second[host_rows],
-                    shifts[host_rows], merge_mode)
-
-
-def train_batches(data: tuple[np.ndarray, np.ndarray], batch_size: int,
-                  seed: int, start_step: int = 0, num_steps: int | None = None,
-                  **kwargs) -> Iterator[Pairs]:
-  """`train_batch` for steps start_step, start_step + 1, ... ."""
-  step = start_step
-  while num_steps is None or step < start_step + num_steps:
-    yield train_batch(data, step, batch_size, seed, **kwargs)
-    step += 1
+  shifts = batching.sample_shifts(rng, (batch_size, 2), max_shift)
+  return make_pairs(images, labels, first[rows], second[rows], shifts[rows],
+                    merge_mode)
 
 
 # ---------------------------------------------------------------------------
@@ -249,8 +207,9 @@ class PairSet:
       second = partner_indices(rng, self._labels, first)
       if len(self._cache) >= 4:
         self._cache.pop(next(iter(self._cache)))
-      self._cache[chunk] = (first, second,
-                            sample_shifts(rng, CHUNK_SIZE, self.max_shift))
+      self._cache[chunk] = (
+          first, second,
+          batching.sample_shifts(rng, (CHUNK_SIZE, 2), self.max_shift))
     return self._cache[chunk]
 
   def indices(self, start: int, stop: int):
@@ -295,40 +254,21 @@ class PairSet:
   def batches(self, batch_size: int, process_index: int = 0,
               process_count: int = 1) -> Iterator[Pairs]:
     """Every pair once, in order, in padded batches as
-    `input_pipeline.eval_batches`: zero rows and `mask` 0 for the padding."""
-    host_rows = input_pipeline._host_rows(  # pylint: disable=protected-access
-        batch_size, process_index, process_count)
+    `batching.eval_batches`: zero rows and `mask` 0 for the padding."""
+    rows_of_host = batching.host_rows(batch_size, process_index,
+                                      process_count)
     for batch_index in range(
-        input_pipeline.num_eval_batches(self.num_pairs, batch_size)):
+        batching.num_eval_batches(self.num_pairs, batch_size)):
       start = batch_index * batch_size
-      rows = np.arange(start, start + batch_size)[host_rows]
+      rows = np.arange(start, start + batch_size)[rows_of_host]
       real = rows[rows < self.num_pairs]
       batch = (self.pairs(int(real[0]), int(real[-1]) + 1) if len(real) else
                self.pairs(0, 0))
-      yield _pad(batch, len(rows))
+      yield batching.pad_batch(batch, len(rows))
 
-
-def _pad(batch: Pairs, size: int) -> Pairs:
-  num_real = len(batch['label'])
-  padded = {name: np.concatenate(
-      [value, np.zeros((size - num_real, *value.shape[1:]), value.dtype)])
-            for name, value in batch.items()}
-  padded['mask'] = (np.arange(size) < num_real).astype(np.float32)
-  return padded
-
-
-def test_set(images: np.ndarray, labels: np.ndarray, num_pairs: int = 10000,
-             pairs_per_digit: int = 0, seed: int = 0,
-             merge_mode: str = 'max') -> PairSet:
-  """The fixed MultiMNIST test set of the test split.
-
-  `pairs_per_digit=1000` is the paper's (10M pairs); otherwise `num_pairs`.
-  """
-  if pairs_per_digit > 0:
-    return PairSet(images, labels, pairs_per_digit=pairs_per_digit, seed=seed,
-                   merge_mode=merge_mode)
-  return PairSet(images, labels, num_pairs=num_pairs, seed=seed,
-                 merge_mode=merge_mode)
+  def first(self, count: int) -> Pairs:
+    """dict(image, label, digits) of the first `count` pairs."""
+    return self.pairs(0, count)
 
 
 def generate(images: np.ndarray, labels: np.ndarray, num_pairs: int,
@@ -339,26 +279,64 @@ def generate(images: np.ndarray, labels: np.ndarray, num_pairs: int,
 
 
 # ---------------------------------------------------------------------------
+# The training program's dataset 'multimnist' (train/configs/multimnist.py).
+
+
+def config_problems(config: ml_collections.ConfigDict
+                    ) -> list[tuple[str, str]]:
+  """(field, message) of each impossible MultiMNIST setting."""
+  problems = []
+  if config.max_shift > MAX_SHIFT:
+    problems.append(('max_shift', f'must be <= {MAX_SHIFT} for MultiMNIST '
+                     f'(the digit must stay on the {CANVAS_SIZE}x'
+                     f'{CANVAS_SIZE} canvas)'))
+  if config.multimnist.merge not in MERGE_MODES:
+    problems.append(('multimnist.merge', f'must be one of {MERGE_MODES}'))
+  return problems
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  del config
+  return (CANVAS_SIZE, CANVAS_SIZE, 1)
+
+
+def config_train_batch(config: ml_collections.ConfigDict,
+                       data: tuple[np.ndarray, np.ndarray], step: int,
+                       process_index: int, process_count: int) -> Pairs:
+  """`train_batch` with the config's settings."""
+  return train_batch(data, step, config.batch_size, config.seed,
+                     process_index, process_count, max_shift=config.max_shift,
+                     merge_mode=config.multimnist.merge)
+
+
+def eval_sets(config: ml_collections.ConfigDict, validation, test,
+              limit: int) -> tuple[PairSet, PairSet]:
+  """The fixed validation and test pairs of the validation and test digits
+  (`(images, labels)` each), at most `limit` of each when limit > 0."""
+  settings = config.multimnist
+
+  def limited(count):
+    return count if limit <= 0 else min(count, limit)
+
+  validation_pairs = PairSet(
+      *validation, seed=settings.eval_seed, merge_mode=settings.merge,
+      max_shift=config.max_shift,
+      num_pairs=limited(settings.num_validation_pairs))
+  if settings.test_pairs_per_digit > 0 and limit <= 0:
+    test_pairs = PairSet(
+        *test, pairs_per_digit=settings.test_pairs_per_digit,
+        seed=settings.eval_seed + 1, merge_mode=settings.merge,
+        max_shift=config.max_shift)
+  else:
+    test_pairs = PairSet(
+        *test, seed=settings.eval_seed + 1, merge_mode=settings.merge,
+        max_shift=config.max_shift,
+        num_pairs=limited(settings.num_test_pairs))
+  return validation_pairs, test_pairs
+
+
+# ---------------------------------------------------------------------------
 # Overlap.
-
-
-def bounding_boxes(images: np.ndarray, threshold: float = 0.0) -> np.ndarray:
-  """(N, 4) int boxes (top, bottom, left, right), bottom/right exclusive, of
-  the pixels above `threshold` in each `(N, H, W[, 1])` image; an empty
-  image gets (0, 0, 0, 0)."""
-  ink = images.reshape(images.shape[0], images.shape[1],
-                       images.shape[2], -1).max(-1) > threshold
-  rows, cols = ink.any(axis=2), ink.any(axis=1)
-
-  def extent(mask):
-    present = mask.any(axis=1)
-    low = np.argmax(mask, axis=1)
-    high = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
-    return np.where(present, low, 0), np.where(present, high, 0)
-
-  top, bottom = extent(rows)
-  left, right = extent(cols)
-  return np.stack([top, bottom, left, right], axis=1)
 
 
 def _area(boxes: np.ndarray) -> np.ndarray:
@@ -392,8 +370,9 @@ def box_overlap(boxes_a: np.ndarray, boxes_b: np.ndarray,
 def bounding_box_overlap(digits: np.ndarray, relative_to: str = 'smaller',
                          threshold: float = 0.0) -> np.ndarray:
   """(N,) overlap of the two digits of each pair, digits `(N, 2, S, S, 1)`."""
-  return box_overlap(bounding_boxes(digits[:, 0], threshold),
-                     bounding_boxes(digits[:, 1], threshold), relative_to)
+  return box_overlap(transforms.bounding_boxes(digits[:, 0], threshold),
+                     transforms.bounding_boxes(digits[:, 1], threshold),
+                     relative_to)
 
 
 def mean_overlap(digits: np.ndarray, threshold: float = 0.0
@@ -415,7 +394,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--tfds_data_dir', default='~/tensorflow_datasets')
   args = parser.parse_args(argv)
   import os  # pylint: disable=g-import-not-at-top
-  splits = input_pipeline.load_splits(
+  splits = tfds_splits.load_splits(
       'mnist', None, os.path.expanduser(args.tfds_data_dir))
   images, labels = ((splits.test_images, splits.test_labels)
                     if args.split == 'test' else

@@ -31,6 +31,9 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from train import models
+from train import trained
+
 DIRECTORY = Path(__file__).resolve().with_name('pretrained')
 
 
@@ -57,8 +60,6 @@ def load(name: str = 'mnist', directory: Path = DIRECTORY):
   Raises:
     PretrainedError: unknown name, or a file whose checksum does not match.
   """
-  from train import train  # pylint: disable=g-import-not-at-top
-
   meta_path = directory / f'{name}.json'
   weights_path = directory / f'{name}.npz'
   if not meta_path.exists():
@@ -78,15 +79,13 @@ def load(name: str = 'mnist', directory: Path = DIRECTORY):
   params = jax.tree_util.tree_map(
       jax.numpy.asarray, traverse_util.unflatten_dict(flat))
   config = ml_collections.ConfigDict(meta['config'])
-  return train.create_model(config), params
+  return models.create_model(config), params
 
 
 def export(workdir: str | Path, name: str, directory: Path = DIRECTORY,
            extra: dict[str, Any] | None = None) -> Path:
   """Writes the best-on-validation parameters of `workdir` as `name`."""
-  from train import experiments  # pylint: disable=g-import-not-at-top
-
-  restored = experiments.restore_best(workdir)
+  restored = trained.restore_best(workdir)
   params = jax.device_get(restored.state.params)
   flat = {'/'.join(path): np.asarray(value) for path, value in
           traverse_util.flatten_dict(params).items()}

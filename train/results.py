@@ -23,6 +23,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import ml_collections
+
+from train import input_pipeline
+
 # (dataset, model, routing iterations or None, with reconstruction) ->
 # the paper's test error (MultiMNIST: both digits right), or for affNIST
 # its test accuracy.
@@ -38,8 +42,6 @@ PAPER = {
     ('affnist', 'baseline_cnn', None, False): '66% affNIST accuracy',
     ('affnist', 'capsnet', 3, True): '79% affNIST accuracy',
 }
-
-MNIST_TRAIN_EXAMPLES = 55000  # 60,000 minus the validation hold-out
 
 
 def _read_json_lines(path: Path) -> list[dict[str, Any]]:
@@ -65,9 +67,8 @@ def describe_run(workdir: str | Path) -> dict[str, Any]:
   reconstruction = capsnet and config['reconstruction_weight'] > 0
   iterations = config['model']['routing_iterations'] if capsnet else None
   steps = max([record['step'] for record in epochs] or [0])
-  num_train = (config['num_train_examples']
-               if config['num_train_examples'] > 0
-               else MNIST_TRAIN_EXAMPLES)
+  num_train = input_pipeline.num_train_examples(
+      ml_collections.ConfigDict(config))
   return {
       'name': workdir.name,
       'dataset': config['dataset'],

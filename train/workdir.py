@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from train.configs import default as default_config
+
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
 
@@ -164,3 +166,14 @@ def save_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
   temporary.write_text(json.dumps(as_json(config), indent=2,
                                   allow_nan=False) + '\n')
   temporary.replace(path)
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  """The config a run was started with (`workdir/config.json`); the default
+  config, with a warning, for workdirs from before config.json existed."""
+  path = Path(workdir) / CONFIG_FILE
+  if path.is_file():
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  print(f'warning: {path} not found; assuming the default config',
+        flush=True)
+  return default_config.get_config()

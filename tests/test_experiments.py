@@ -1,6 +1,8 @@
 """MultiMNIST: one training step of its config (tiny CapsNet), the figures
 command on the result, and the config checks of the experiments."""
 
+import json
+
 import pytest
 
 from experiment_fixtures import check_run
@@ -61,3 +63,25 @@ def test_config_errors_are_named():
   for model in ('baseline_cnn', 'lenet5'):
     assert multimnist.get_config(model).model.name == model
     assert affnist.get_config(model).reconstruction_weight == 0
+  config = default.get_config()
+  config.model.routing = 'k_means'
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"config.model.routing='k_means': must be one of"):
+    config_checks.validate_config(config, 1)
+
+
+@pytest.mark.parametrize('routing', ['em', 'self_attention', 'none'])
+def test_one_step_with_each_routing(routing, workdirs, tmp_path_factory):
+  """`--config.model.routing=...` trains the same MNIST network."""
+
+  def make_config():
+    config = default.get_config()
+    config.model.routing = routing
+    return config
+
+  workdir, results = run(f'routing_{routing}', make_config, workdirs,
+                         tmp_path_factory)
+  epoch = check_run(workdir, results, make_config(), 28)
+  assert epoch['train_loss'] > 0 and epoch['train_gradient_norm'] > 0
+  assert json.loads((workdir / 'config.json').read_text())['model'][
+      'routing'] == routing

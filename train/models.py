@@ -36,6 +36,11 @@ def conv_method(config: ml_collections.ConfigDict) -> str:
   return config.model.get('conv_method', 'auto')
 
 
+def routing(config: ml_collections.ConfigDict) -> str:
+  # config.json of workdirs from before the field: dynamic routing.
+  return config.model.get('routing', 'dynamic')
+
+
 def _capsnet(config: ml_collections.ConfigDict) -> nn.Module:
   model_config = config.model
   return capsjax.CapsNet(
@@ -51,6 +56,7 @@ def _capsnet(config: ml_collections.ConfigDict) -> nn.Module:
       stop_gradient_intermediate=model_config.stop_gradient_intermediate,
       dtype=PRECISIONS[config.precision],
       conv_method=conv_method(config),
+      routing=routing(config),
   )
 
 
@@ -102,6 +108,9 @@ def config_problems(config: ml_collections.ConfigDict
   if not MODELS[name].has_decoder and config.reconstruction_weight > 0:
     return [('reconstruction_weight',
              f'must be 0 for model.name={name!r} (no decoder)')]
+  if routing(config) not in capsjax.routing.ALGORITHMS:
+    return [('model.routing',
+             f'must be one of {capsjax.routing.ALGORITHMS}')]
   return []
 
 

@@ -30,6 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
   # train/baselines.py: 'baseline_cnn', 'lenet5' (see their configs).
   config.model = ml_collections.ConfigDict()
   config.model.name = 'capsnet'
+  # How the class capsules are routed (capsjax.routing): 'dynamic' (the
+  # paper's), 'em' (matrix-capsule EM routing on 4x4 poses, with the primary
+  # capsules' lengths as activations), 'self_attention' (Efficient-CapsNet's,
+  # non-iterative) or 'none' (uniform coupling, the ablation baseline).
+  config.model.routing = 'dynamic'
   config.model.routing_iterations = 3
   config.model.stop_gradient_intermediate = False  # paper and official: False
   config.model.conv_features = 256

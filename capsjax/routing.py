@@ -238,12 +238,12 @@ def _route_one_example(
   # Unrolled (the count is static and small): XLA then fuses across
   # iterations and the backward pass keeps no stacked loop residuals.
   # Measured at the MNIST shape, batch 128, forward + backward: 165 ms
-  # against 407 ms rolled at r=3, 291 against 696 ms at r=5. A Python loop
-  # instead gives correct second derivatives where this one does not (with
-  # jax 0.10.2, reverse-over-reverse and forward-over-reverse through the loop
-  # differ from the written-out program's: 0.26 largest difference in a
-  # small Hessian), but a program 5x larger and a forward + backward twice
-  # as slow; first derivatives agree.
+  # against 407 ms rolled at r=3, 291 against 696 ms at r=5. Known issue:
+  # with jax 0.10.2, from r = 3 (two trips) the second derivatives through
+  # this loop differ from those of the same loop written in Python (0.26
+  # largest difference in a small Hessian; check_grads order 2 fails; r <= 2
+  # passes, first derivatives always agree). The Python loop needs 28% more
+  # temporary memory for the MNIST forward + backward, so it is not used.
   logits = jax.lax.fori_loop(0, num_iterations - 1, iteration, logits,
                              unroll=True)
   # ... and the r-th time, lines 4-6 with the gradient always flowing.

@@ -53,9 +53,10 @@ def squash(
   direction is kept. At s = 0 the value is 0 and the gradient is finite.
 
   Value and gradient are finite for every finite input in every float
-  dtype: `s` is divided by its largest component m before anything is
-  squared (the formula is unchanged by that: |s|^2 = m^2 |s/m|^2), so
-  |s|^2 never overflows (float32 from |s| ~ 1.8e19, float16 from ~ 256).
+  dtype: a vector whose largest component m is at least 1 is first divided
+  by c = min(m, 2^100) (the formula is unchanged by that: |s|^2 = c^2 |s/c|^2),
+  so |s|^2 never overflows (float32 from |s| ~ 1.8e19, float16 from ~ 256);
+  smaller vectors are computed as written above.
 
   >>> import jax.numpy as jnp
   >>> v = squash(jnp.array([3.0, 4.0]))  # |s| = 5: length 25 / 26
@@ -83,24 +84,21 @@ def squash(
   # float16 and bfloat16 are computed in float32: epsilon is 0 in float16.
   dtype = vectors.dtype
   vectors = vectors.astype(jnp.promote_types(dtype, jnp.float32))
-  _, exponent = jnp.frexp(jax.lax.stop_gradient(
-      jnp.max(jnp.abs(vectors), axis=axis, keepdims=True)))
-  large = exponent > 0  # |s| >= 1/2 or so: the branch without overflow.
-  scaled = jnp.ldexp(vectors, -exponent)
+  # s = c t. c is a constant for the chain rule; the maths does not depend
+  # on it, so the gradient is exact. Capped at 2^100 so that 1 / c is never
+  # a subnormal, which the CPU flushes to zero.
+  scale = jnp.clip(jax.lax.stop_gradient(
+      jnp.max(jnp.abs(vectors), axis=axis, keepdims=True)), 1.0, 2.0**100)
+  inverse_scale = 1 / scale
+  scaled = vectors * inverse_scale
   scaled_squared_norm = jnp.sum(jnp.square(scaled), axis=axis, keepdims=True)
-  # |s|^2 / (1 + |s|^2): as 1 / (1 + 1 / |s|^2) for large s (|s|^2 may
-  # overflow), directly for small s (1 / |s|^2 may). Each branch is kept
-  # finite everywhere, so the unused one's gradient is not NaN.
-  squared_norm = jnp.ldexp(jnp.where(large, 0, scaled_squared_norm),
-                           2 * exponent)
-  inverse_squared_norm = jnp.ldexp(
-      1 / jnp.where(large, scaled_squared_norm, 1), -2 * exponent)
-  squash_factor = jnp.where(large, 1 / (1 + inverse_squared_norm),
-                            squared_norm / (1 + squared_norm))
-  # s / sqrt(|s|^2 + epsilon) = t / sqrt(|t|^2 + epsilon / 4^e).
-  direction = scaled / jnp.sqrt(
-      scaled_squared_norm + jnp.ldexp(jnp.asarray(epsilon, vectors.dtype),
-                                      -2 * exponent))
+  # |s|^2 / (1 + |s|^2) and s / sqrt(|s|^2 + epsilon), both divided through
+  # by c^2 (c = 1, the formula as written, for vectors shorter than ~1).
+  inverse_scale_squared = jnp.square(inverse_scale)
+  squash_factor = scaled_squared_norm / (inverse_scale_squared +
+                                         scaled_squared_norm)
+  direction = scaled / jnp.sqrt(scaled_squared_norm +
+                                epsilon * inverse_scale_squared)
   return (squash_factor * direction).astype(dtype)
 
 

@@ -55,6 +55,7 @@ if str(REPO_ROOT) not in sys.path:  # `train` is not installed with capsjax.
 from capsjax import convolution as capsjax_convolution  # pylint: disable=g-import-not-at-top
 from train import datasets  # pylint: disable=g-import-not-at-top
 from train import host_memory  # pylint: disable=g-import-not-at-top
+from train import models  # pylint: disable=g-import-not-at-top
 from train import train as train_lib  # pylint: disable=g-import-not-at-top
 from train.configs import default  # pylint: disable=g-import-not-at-top
 
@@ -446,7 +447,7 @@ def make_config(*, batch_size: int = 128, precision: str = 'float32',
 
 def create_model(config):
   """train.train.create_model, with the kernel size of a --small config."""
-  model = train_lib.create_model(config)
+  model = models.create_model(config)
   kernel_size = config.model.get('kernel_size')
   if kernel_size is not None and kernel_size != model.kernel_size:
     model = model.clone(kernel_size=kernel_size)

@@ -52,6 +52,7 @@ if __package__ in (None, ''):  # Run as a script: make `benchmarks` importable.
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from capsjax import routing  # pylint: disable=g-import-not-at-top
 from capsjax.nonlinearity import squash  # pylint: disable=g-import-not-at-top
+from train import models  # pylint: disable=g-import-not-at-top
 from train import train as train_lib  # pylint: disable=g-import-not-at-top
 
 MNIST_SHAPE = (128, 1152, 10, 8, 16)
@@ -70,7 +71,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--batch-size', type=int, default=128,
                       help='batch of the full training step')
   parser.add_argument('--precision', default='float32',
-                      choices=tuple(train_lib.PRECISIONS),
+                      choices=tuple(models.PRECISIONS),
                       help='config.precision of the training step')
   parser.add_argument('--repeats', type=int, default=5,
                       help='timed calls per measurement; 0: compile only')

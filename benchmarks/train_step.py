@@ -35,7 +35,7 @@ command runs unchanged on a GPU.
 time): conv1, PrimaryCaps, prediction vectors, routing, decoder and losses
 (forward, and forward + backward of a fixed random projection of their
 output), the Adam update, and the host input pipeline
-(`train.input_pipeline.train_batch` on arrays the size of MNIST's training
+(`train.batching.train_batch` on arrays the size of MNIST's training
 split).
 
 `--experiments multimnist,affnist,baseline_cnn,lenet5` also times the
@@ -78,7 +78,10 @@ if __package__ in (None, ''):  # Run as a script: make `benchmarks` importable.
 import capsjax  # pylint: disable=g-import-not-at-top
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from capsjax import routing  # pylint: disable=g-import-not-at-top
+from train import batching  # pylint: disable=g-import-not-at-top
 from train import input_pipeline  # pylint: disable=g-import-not-at-top
+from train import models  # pylint: disable=g-import-not-at-top
+from train import objectives  # pylint: disable=g-import-not-at-top
 from train import train as train_lib  # pylint: disable=g-import-not-at-top
 
 TORCH_SCRIPT = Path(__file__).resolve().parent / 'torch_reference.py'
@@ -132,9 +135,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       if e.strip()]
   if any(name not in EXPERIMENTS for name in args.experiments):
     parser.error(f'--experiments must be from {tuple(EXPERIMENTS)}')
-  unknown = [p for p in args.precision if p not in train_lib.PRECISIONS]
+  unknown = [p for p in args.precision if p not in models.PRECISIONS]
   if unknown or not args.precision:
-    parser.error(f'--precision must be from {tuple(train_lib.PRECISIONS)}')
+    parser.error(f'--precision must be from {tuple(models.PRECISIONS)}')
   if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
     parser.error('--steps and --batch-size must be >= 1, --warmup >= 0')
   if args.routing_iterations < 1:
@@ -154,7 +157,7 @@ def matmul_peak(flops: float, precision: str, repeats: int,
                 warmup: int) -> dict[str, Any]:
   """Times a square jnp.dot with (about) `flops` FLOPs in `precision`."""
   size = max(1, round((flops / 2) ** (1 / 3)))
-  dtype = train_lib.PRECISIONS[precision]
+  dtype = models.PRECISIONS[precision]
   a = common.random_normal((size, size), seed=0, dtype=dtype)
   b = common.random_normal((size, size), seed=1, dtype=dtype)
   result = common.benchmark(
@@ -201,13 +204,10 @@ def time_step(config, base_state, batch, args) -> dict[str, Any]:
 def experiment_config(name: str, batch_size: int):
   """(config, image shape) of one of EXPERIMENTS."""
   import importlib  # pylint: disable=g-import-not-at-top
-  from train import experiments  # pylint: disable=g-import-not-at-top
   module = importlib.import_module(f'train.configs.{EXPERIMENTS[name][0]}')
   config = module.get_config()
   config.batch_size = batch_size
-  mnist_images = (np.zeros((1, *common.MNIST_IMAGE_SHAPE), np.float32),
-                  np.zeros((1,), np.int32))
-  return config, experiments.image_shape(config, mnist_images)
+  return config, input_pipeline.image_shape(config)
 
 
 def time_experiment(name: str, args, mnist: dict[str, Any]
@@ -301,8 +301,8 @@ def breakdown(config, base_state, batch, repeats: int, warmup: int
   def losses_fn(capsules, reconstructions):
     output = capsjax.CapsNetOutput(capsules, capsjax.capsule_lengths(capsules),
                                    reconstructions)
-    return jnp.mean(train_lib.per_example_losses(output, images, labels,
-                                                 config)['loss'])
+    return jnp.mean(objectives.per_example_losses(
+        output, {'image': images, 'label': labels}, config)['loss'])
 
   kwargs = dict(repeats=repeats, warmup=warmup)
   results: dict[str, Any] = {}
@@ -369,8 +369,8 @@ def breakdown(config, base_state, batch, repeats: int, warmup: int
           rng.integers(0, 10, examples, dtype=np.int32))
   results['input pipeline (host, train_batch)'] = {
       'forward': common.benchmark_host(
-          lambda step: input_pipeline.train_batch(data, step,
-                                                  images.shape[0], seed=0),
+          lambda step: batching.train_batch(data, step, images.shape[0],
+                                            seed=0),
           repeats, warmup),
       'forward_backward': None,
   }

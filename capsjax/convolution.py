@@ -363,6 +363,12 @@ def conv2d(
       out[b, y, x, o] = sum_{r, c, i} images[b, s*y + r, s*x + c, i]
                                      * kernel[r, c, i, o]
 
+  >>> import jax, jax.numpy as jnp
+  >>> images = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+  >>> kernel = jax.random.normal(jax.random.key(1), (9, 9, 1, 8))
+  >>> conv2d(images, kernel, stride=2, method='patches').shape
+  (2, 10, 10, 8)
+
   Args:
     images: `(batch, height, width, in_channels)`, NHWC.
     kernel: `(size, size, in_channels, out_channels)`, HWIO, square.

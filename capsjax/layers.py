@@ -140,6 +140,11 @@ class CapsuleLayer(nn.Module):
 def mask_capsules(capsules: jax.Array, labels: jax.Array) -> jax.Array:
   """Zero every capsule but the labelled one and flatten.
 
+  >>> import jax.numpy as jnp
+  >>> masked = mask_capsules(jnp.ones((1, 3, 2)), jnp.array([1]))
+  >>> masked.tolist()
+  [[0.0, 0.0, 1.0, 1.0, 0.0, 0.0]]
+
   Args:
     capsules: `(batch, classes, dim)`.
     labels: `(batch,)` integer class of each example.

@@ -30,6 +30,12 @@ def margin_loss(
   The lengths go in as they are: no softmax over classes (a pitfall of some
   ports), since each length is its own probability.
 
+  >>> import jax.numpy as jnp
+  >>> lengths = jnp.array([[0.95, 0.05], [0.5, 0.5]])
+  >>> targets = jnp.array([[1.0, 0.0], [1.0, 0.0]])
+  >>> [round(float(x), 4) for x in margin_loss(lengths, targets)]
+  [0.0, 0.24]
+
   Args:
     capsule_lengths: |v_k|, `(batch, classes)`.
     targets: T_k, `(batch, classes)`, 1 where class k is present: one-hot for
@@ -59,6 +65,11 @@ def reconstruction_loss(
   """Weighted sum of squared pixel differences per example (section 4.1).
 
       L_rec = weight * sum_pixels (reconstruction - image)^2
+
+  >>> import jax.numpy as jnp
+  >>> float(reconstruction_loss(jnp.ones((1, 28, 28, 1)),
+  ...                           jnp.zeros((1, 28, 28, 1)), weight=1.0)[0])
+  784.0
 
   Args:
     reconstructions: `(batch, ...)` decoder output, pixels in [0, 1].

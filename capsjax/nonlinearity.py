@@ -29,6 +29,12 @@ def safe_norm(
   The plain norm has gradient x / |x|, which is 0/0 = NaN at x = 0; the
   epsilon inside the root keeps it finite (the gradient at 0 is exactly 0).
 
+  >>> import jax.numpy as jnp
+  >>> print(f"{float(safe_norm(jnp.array([3.0, 4.0]))):.4f}")
+  5.0000
+  >>> print(float(jax.grad(lambda v: safe_norm(v))(jnp.zeros(2))[0]))
+  0.0
+
   Args:
     vectors: any shape, e.g. capsules `(batch, capsules, dim)`.
     axis: the axis holding the vector components.
@@ -108,5 +114,9 @@ def capsule_lengths(
   """Lengths of capsule vectors `(..., capsules, dim)` -> `(..., capsules)`.
 
   The length of a class capsule is the network's probability for the class.
+
+  >>> import jax.numpy as jnp
+  >>> capsule_lengths(jnp.ones((2, 10, 16))).shape
+  (2, 10)
   """
   return safe_norm(capsules, axis=-1, epsilon=epsilon)

@@ -102,6 +102,12 @@ def prediction_vectors(inputs: jax.Array, weights: jax.Array) -> jax.Array:
   Every pair of an input capsule i and a parent capsule j has its own
   transformation matrix.
 
+  >>> import jax.numpy as jnp
+  >>> u = jnp.ones((2, 1152, 8))
+  >>> W = jnp.ones((1152, 10, 8, 16))
+  >>> prediction_vectors(u, W).shape
+  (2, 1152, 10, 16)
+
   Args:
     inputs: input capsules u, `(batch, in_capsules, in_dim)`.
     weights: W, `(in_capsules, out_capsules, in_dim, out_dim)`.
@@ -289,6 +295,14 @@ def dynamic_routing(
   batch): its routing logits b start at zero and are never shared, so the
   output for an example does not depend on the batch it is in.
   `route('dynamic', ...)` returns the same v in a `RoutingOutput`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> u_hat = jax.random.normal(jax.random.key(0), (2, 32, 10, 16))
+  >>> v, c = dynamic_routing(u_hat, num_iterations=3, return_coupling=True)
+  >>> v.shape, c.shape
+  ((2, 10, 16), (2, 32, 10))
+  >>> bool(jnp.allclose(c.sum(-1), 1.0, atol=1e-6))
+  True
 
   Args:
     u_hat: prediction vectors u_hat[j|i], `(batch, in_capsules,
@@ -595,6 +609,14 @@ def route(
     **parameters: Any,
 ) -> RoutingOutput:
   """Routes `votes` with the named algorithm.
+
+  >>> import jax, jax.numpy as jnp
+  >>> votes = jax.random.normal(jax.random.key(0), (2, 32, 10, 16))
+  >>> out = route('self_attention', votes)
+  >>> out.poses.shape, out.activations.shape
+  ((2, 10, 16), (2, 10))
+  >>> bool(jnp.all((out.activations >= 0) & (out.activations <= 1)))
+  True
 
   Args:
     algorithm: one of `ALGORITHMS`: 'dynamic', 'em', 'self_attention',

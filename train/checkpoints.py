@@ -28,7 +28,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.experimental import multihost_utils
+
+from train import parallel
 
 VALIDATION_ACCURACY = 'validation_accuracy'
 
@@ -234,7 +235,7 @@ class Checkpoints:
     for step, problem in problems.items():
       self._set_aside(step, problem, sync=False)
     if not self._read_only:
-      multihost_utils.sync_global_devices('checkpoints verified')
+      parallel.wait_for_all_processes('checkpoints verified')
 
   def _problem(self, step: int) -> str | None:
     """Why `step` cannot be trusted, or None."""
@@ -278,7 +279,7 @@ class Checkpoints:
       if checksums.exists():
         checksums.replace(destination.with_suffix('.checksums.json'))
     if sync:
-      multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+      parallel.wait_for_all_processes(f'set aside checkpoint {step}')
 
 
 def strict_json(record: Any, **kwargs) -> str:

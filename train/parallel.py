@@ -8,6 +8,7 @@ runs unchanged on one CPU, several devices, or several hosts.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import jax
@@ -53,15 +54,20 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     ) from error
 
 
+_barriers_passed = itertools.count()
+
+
 def wait_for_all_processes(name: str, timeout_seconds: int = 3600) -> None:
   """A barrier of all processes, through the jax.distributed coordination
-  service (a no-op with one process). `name` must be unique.
+  service (a no-op with one process). Every process must call the same
+  barriers in the same order; a counter makes each key unique, so `name`
+  may repeat.
 
   Unlike `multihost_utils.sync_global_devices`, it runs no device
   collective: on CPU, that one's gloo rendezvous gives up after 30 s, less
   than preparing a dataset can take.
   """
-  ocp.multihost.get_barrier_sync_fn()(key=name,
+  ocp.multihost.get_barrier_sync_fn()(key=f'{name} #{next(_barriers_passed)}',
                                       timeout_ms=timeout_seconds * 1000)
 
 

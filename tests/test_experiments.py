@@ -1,8 +1,13 @@
 """MultiMNIST: one training step of its config (tiny CapsNet), the figures
-command on the result, and the config checks of the experiments."""
+command on the result, one step with each routing and of Efficient-CapsNet,
+and the config checks of the experiments."""
 
 import json
 
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiment_fixtures import check_run
@@ -12,9 +17,11 @@ from experiment_fixtures import small_splits  # pylint: disable=unused-import
 from experiment_fixtures import workdirs  # pylint: disable=unused-import
 from train import figures
 from train import config_checks
+from train import trained
 from train.configs import affnist
 from train.configs import baseline_cnn
 from train.configs import default
+from train.configs import efficient_capsnet
 from train.configs import multimnist
 
 # 'rbg' keys: see conftest.fast_init_prng.
@@ -85,3 +92,31 @@ def test_one_step_with_each_routing(routing, workdirs, tmp_path_factory):
   assert epoch['train_loss'] > 0 and epoch['train_gradient_norm'] > 0
   assert json.loads((workdir / 'config.json').read_text())['model'][
       'routing'] == routing
+
+
+def test_one_step_of_efficient_capsnet(workdirs, tmp_path_factory):
+  """The batch-norm network trains, keeps its moving statistics in the
+  checkpoint, and is restored and evaluated with them."""
+  workdir, results = run('efficient_capsnet', efficient_capsnet.get_config,
+                         workdirs, tmp_path_factory)
+  epoch = check_run(workdir, results, efficient_capsnet.get_config(), 28)
+  assert epoch['train_loss'] > 0 and epoch['train_gradient_norm'] > 0
+  restored = trained.restore_best(workdir)
+  moving_means = [value for path, value in
+                  jax.tree_util.tree_leaves_with_path(
+                      restored.state.model_state['batch_stats'])
+                  if 'mean' in jax.tree_util.keystr(path)]
+  assert len(moving_means) == 4
+  # One update from the zero init: 0.01 x the batch mean of ReLU features.
+  assert all(float(jnp.max(mean)) > 0 for mean in moving_means)
+  predict = trained.make_predict(restored, batch_size=4)
+  chex.assert_shape(predict(np.zeros((6, 28, 28, 1), np.float32)), (6,))
+
+
+def test_efficient_capsnet_refuses_another_routing():
+  config = efficient_capsnet.get_config()
+  config.model.routing = 'dynamic'
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"config.model.routing='dynamic': must be "
+                           r"'self_attention' for model.name="):
+    config_checks.validate_config(config, 1)

@@ -3,9 +3,12 @@
 `MODELS` maps `config.model.name` to a constructor from the config:
 'capsnet' (`capsjax.CapsNet`, the default), and the paper's comparisons of
 `train/baselines.py`, 'baseline_cnn' and 'lenet5' (no decoder; trained with
-cross entropy, see `train/objectives.py`). Adding a model is adding a row.
-Every model is called as `model(images, labels=None)`; models with dropout
-also take `deterministic=False` and a 'dropout' rng in training.
+cross entropy, see `train/objectives.py`), and 'efficient_capsnet'
+(`capsjax.EfficientCapsNet`: self-attention routing, batch norm). Adding a
+model is adding a row. Every model is called as `model(images,
+labels=None)`; models with dropout also take `deterministic=False` and a
+'dropout' rng in training, models with batch norm `train=True` and their
+mutable 'batch_stats'.
 """
 
 from __future__ import annotations
@@ -60,6 +63,15 @@ def _capsnet(config: ml_collections.ConfigDict) -> nn.Module:
   )
 
 
+def _efficient_capsnet(config: ml_collections.ConfigDict) -> nn.Module:
+  return capsjax.EfficientCapsNet(
+      num_classes=datasets.NUM_CLASSES,
+      use_decoder=config.reconstruction_weight > 0,
+      decoder_hidden_sizes=tuple(config.model.decoder_hidden_sizes),
+      dtype=PRECISIONS[config.precision],
+      conv_method=conv_method(config))
+
+
 def _baseline_cnn(config: ml_collections.ConfigDict) -> nn.Module:
   cnn = config.model.get('cnn', ml_collections.ConfigDict())
   return baselines.BaselineCNN(
@@ -84,18 +96,25 @@ def _lenet5(config: ml_collections.ConfigDict) -> nn.Module:
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """A row of `MODELS`: its constructor, and whether it has a decoder (and
-  so trains with a reconstruction loss) and dropout."""
+  """A row of `MODELS`: its constructor, whether it has a decoder (and so
+  trains with a reconstruction loss) and dropout, the routing it is built
+  with (None: `config.model.routing`), and its variable collections other
+  than 'params' (updated by the step, not by the optimizer)."""
 
   create: Callable[[ml_collections.ConfigDict], nn.Module]
   has_decoder: bool
   has_dropout: bool
+  routing: str | None = None
+  state_collections: tuple[str, ...] = ()
 
 
 MODELS = {
     'capsnet': Model(_capsnet, has_decoder=True, has_dropout=False),
     'baseline_cnn': Model(_baseline_cnn, has_decoder=False, has_dropout=True),
     'lenet5': Model(_lenet5, has_decoder=False, has_dropout=False),
+    'efficient_capsnet': Model(
+        _efficient_capsnet, has_decoder=True, has_dropout=False,
+        routing='self_attention', state_collections=('batch_stats',)),
 }
 
 
@@ -111,6 +130,11 @@ def config_problems(config: ml_collections.ConfigDict
   if routing(config) not in capsjax.routing.ALGORITHMS:
     return [('model.routing',
              f'must be one of {capsjax.routing.ALGORITHMS}')]
+  fixed_routing = MODELS[name].routing
+  if fixed_routing is not None and routing(config) != fixed_routing:
+    return [('model.routing',
+             f'must be {fixed_routing!r} for model.name={name!r} (the '
+             'network is built around it)')]
   return []
 
 
@@ -119,23 +143,42 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
   return MODELS[model_name(config)].create(config)
 
 
-def apply_model(apply_fn, params, batch: dict[str, jax.Array],
+def state_collections(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The model's variable collections besides 'params' (e.g. batch norm's
+  'batch_stats'); a train state carries them as `model_state`."""
+  return MODELS[model_name(config)].state_collections
+
+
+def variables(state) -> dict[str, Any]:
+  """{'params': ..., and the model state's collections} of a train state."""
+  return {'params': state.params, **getattr(state, 'model_state', {})}
+
+
+def apply_model(apply_fn, variables: dict[str, Any],
+                batch: dict[str, jax.Array],
                 config: ml_collections.ConfigDict, *, train: bool,
                 step: jax.Array | int | None = None):
-  """The model's output on a batch.
+  """(the model's output on a batch, its updated non-param collections).
 
   The decoder reconstructs from the labelled capsules in training and for
   two-label examples (MultiMNIST: each digit from its own capsule), else
   from the longest capsule. Dropout's rng is a pure function of
-  (config.seed, step), so resuming is exact.
+  (config.seed, step), so resuming is exact. Batch norm normalises with the
+  batch's statistics in training (the global batch: under `jit` the mean
+  spans every device) and updates its moving averages; in evaluation it
+  reads them. The second value is {} for models without such collections,
+  and in evaluation.
   """
-  variables = {'params': params}
+  model = MODELS[model_name(config)]
   labels = batch['label'] if train or batch['label'].ndim == 2 else None
-  if train and MODELS[model_name(config)].has_dropout:
+  if train and model.has_dropout:
     key = jax.random.fold_in(jax.random.key(config.seed), step)
     return apply_fn(variables, batch['image'], labels, deterministic=False,
-                    rngs={'dropout': key})
-  return apply_fn(variables, batch['image'], labels)
+                    rngs={'dropout': key}), {}
+  if train and model.state_collections:
+    return apply_fn(variables, batch['image'], labels, train=True,
+                    mutable=list(model.state_collections))
+  return apply_fn(variables, batch['image'], labels), {}
 
 
 def class_scores(output: Any) -> jax.Array:

@@ -86,6 +86,12 @@ def export(workdir: str | Path, name: str, directory: Path = DIRECTORY,
            extra: dict[str, Any] | None = None) -> Path:
   """Writes the best-on-validation parameters of `workdir` as `name`."""
   restored = trained.restore_best(workdir)
+  collections = models.state_collections(restored.config)
+  if collections:
+    raise PretrainedError(
+        f'{workdir}: model.name={models.model_name(restored.config)!r} also '
+        f'needs its {", ".join(collections)} to run, and this format holds '
+        'parameters only')
   params = jax.device_get(restored.state.params)
   flat = {'/'.join(path): np.asarray(value) for path, value in
           traverse_util.flatten_dict(params).items()}

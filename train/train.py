@@ -49,17 +49,32 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   )
 
 
+class TrainStateWithModelState(train_state.TrainState):
+  """A train state that also carries the model's variables other than
+  'params' (batch norm's 'batch_stats'), which the step replaces with the
+  model's updates and the optimizer never sees.
+
+  Only models with such collections get it, so that the checkpoints of the
+  others keep the plain `TrainState` layout (and resume across versions).
+  """
+
+  model_state: Any = None
+
+
 def create_train_state(config: ml_collections.ConfigDict,
                        image_shape: tuple[int, ...]) -> train_state.TrainState:
   model = models.create_model(config)
   images = jnp.zeros((1, *image_shape), jnp.float32)
-  params = model.init(jax.random.key(config.seed), images,
-                      jnp.zeros((1,), jnp.int32))['params']
-  return train_state.TrainState.create(
-      apply_fn=model.apply,
-      params=params,
-      tx=optax.adam(learning_rate_schedule(config)),
-  )
+  variables = dict(model.init(jax.random.key(config.seed), images,
+                              jnp.zeros((1,), jnp.int32)))
+  params = variables.pop('params')
+  model_state = {name: variables[name]
+                 for name in models.state_collections(config)}
+  fields = dict(apply_fn=model.apply, params=params,
+                tx=optax.adam(learning_rate_schedule(config)))
+  if model_state:
+    return TrainStateWithModelState.create(**fields, model_state=model_state)
+  return train_state.TrainState.create(**fields)
 
 
 def train_step(state: train_state.TrainState, batch: dict[str, jax.Array],
@@ -67,22 +82,28 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array],
   """One Adam step on the mean loss of a (global) batch."""
 
   def loss_fn(params):
-    output = models.apply_model(state.apply_fn, params, batch, config,
-                                train=True, step=state.step)
+    output, model_state = models.apply_model(
+        state.apply_fn, {**models.variables(state), 'params': params}, batch,
+        config, train=True, step=state.step)
     per_example = objectives.per_example_losses(output, batch, config)
     means = {name: jnp.mean(value) for name, value in per_example.items()}
-    return means['loss'], means
+    return means['loss'], (means, model_state)
 
-  gradients, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+  gradients, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(
+      state.params)
   # Watched by the loop: a non-finite one stops the run before it is saved.
   metrics['gradient_norm'] = optax.tree.norm(gradients)
+  if model_state:
+    state = state.replace(model_state=model_state)
   return state.apply_gradients(grads=gradients), metrics
 
 
-def eval_step(params, batch: dict[str, jax.Array], apply_fn,
-              config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array],
+              apply_fn, config: ml_collections.ConfigDict
+              ) -> dict[str, jax.Array]:
   """Sums of the per-example metrics over the real (mask = 1) rows."""
-  output = models.apply_model(apply_fn, params, batch, config, train=False)
+  output, _ = models.apply_model(apply_fn, variables, batch, config,
+                                 train=False)
   per_example = objectives.per_example_losses(output, batch, config)
   sums = {name: jnp.sum(value * batch['mask'])
           for name, value in per_example.items()}
@@ -90,13 +111,15 @@ def eval_step(params, batch: dict[str, jax.Array], apply_fn,
   return sums
 
 
-def evaluate(eval_fn, params, examples, config: ml_collections.ConfigDict,
+def evaluate(eval_fn, variables, examples,
+             config: ml_collections.ConfigDict,
              parallel: parallel_lib.DataParallel) -> Metrics:
   """Mean metrics over every example (the last partial batch included)."""
   totals: dict[str, float] = {}
   for batch in examples.batches(config.eval_batch_size, jax.process_index(),
                                 jax.process_count()):
-    sums = jax.device_get(eval_fn(params, parallel.global_batch(batch)))
+    sums = jax.device_get(eval_fn(variables,
+                                   parallel.global_batch(batch)))
     for name, value in sums.items():
       totals[name] = totals.get(name, 0.0) + float(value)
   count = totals.pop('count')
@@ -231,7 +254,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: Path,
         continue
       validation_accuracy = None
       if end_of_epoch or step == total_steps:
-        validation_metrics = evaluate(eval_fn, state.params, validation,
+        validation_metrics = evaluate(eval_fn, models.variables(state),
+                                      validation,
                                       config, parallel)
         validation_accuracy = validation_metrics['accuracy']
         record = {
@@ -284,7 +308,8 @@ def _test_best(config, checkpoints: Checkpoints, state, test, eval_fn,
     # Damaged: set aside, and the best of the others is used.
     state, _ = checkpoints.restore_best(state)
     state = jax.device_put(state, parallel.replicated)
-  test_metrics = evaluate(eval_fn, state.params, test, config, parallel)
+  test_metrics = evaluate(eval_fn, models.variables(state), test, config,
+                          parallel)
   results = {
       'checkpoint_step': int(state.step),
       'validation_accuracy': checkpoints.validation_accuracy(int(state.step)),
@@ -296,7 +321,7 @@ def _test_best(config, checkpoints: Checkpoints, state, test, eval_fn,
   if config.reconstruction_weight > 0 and config.num_reconstructions > 0:
     examples = test.first(min(config.num_reconstructions, len(test)))
     output = jax.jit(state.apply_fn, out_shardings=parallel.replicated)(
-        {'params': state.params}, parallel.replicate(examples['image']))
+        models.variables(state), parallel.replicate(examples['image']))
     if jax.process_index() == 0:
       output = jax.device_get(output)
       reporting.save_reconstructions_png(

@@ -53,18 +53,19 @@ def restore_best(workdir: str | Path) -> Restored:
 
 def make_predict(restored: Restored, batch_size: int = 250):
   """images (N, H, W, C) numpy -> (N,) predicted classes, in batches."""
-  apply_fn, params = restored.state.apply_fn, restored.state.params
+  apply_fn, variables = restored.state.apply_fn, models.variables(
+      restored.state)
 
   @jax.jit
-  def scores(params, images):
-    return models.class_scores(apply_fn({'params': params}, images))
+  def scores(variables, images):
+    return models.class_scores(apply_fn(variables, images))
 
   def predict(images: np.ndarray) -> np.ndarray:
     predictions = []
     for start in range(0, len(images), batch_size):
       chunk = images[start:start + batch_size]
       padded = batching.pad_batch({'image': chunk}, batch_size)['image']
-      predictions.append(np.argmax(np.asarray(scores(params, padded)),
+      predictions.append(np.argmax(np.asarray(scores(variables, padded)),
                                    -1)[:len(chunk)])
     return (np.concatenate(predictions) if predictions else
             np.zeros((0,), np.int64))

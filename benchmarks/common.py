@@ -1,4 +1,5 @@
-"""Helpers shared by benchmarks/routing_iterations.py and train_step.py.
+"""Helpers shared by the benchmarks (routing_iterations.py,
+routing_algorithms.py, train_step.py).
 
 One way to do each thing:
 
@@ -25,8 +26,10 @@ One way to do each thing:
   instructions (`cpu_has_bfloat16`), cores, load, the JAX device, library
   versions.
 - `write_json`, `format_table`, argument parsers.
-- The training-step set-up both scripts time the same way: `make_config`,
+- The training-step set-up the scripts time the same way: `make_config`,
   `create_state`, `state_for`, `random_batch`, `benchmark_train_step`.
+- Accuracy after a budget: `add_training_budget_arguments`,
+  `train_for_accuracy`.
 """
 
 from __future__ import annotations
@@ -537,6 +540,69 @@ def benchmark_train_step(config, state, batch: dict[str, jax.Array], *,
       next_args=lambda args, outputs: (outputs[0], args[1]),
       batch_size=config.batch_size,
   )
+
+
+# ---------------------------------------------------------------------------
+# Accuracy after a training budget (train.train.train_and_evaluate).
+
+
+def add_training_budget_arguments(parser) -> None:
+  """The flags of a benchmark's accuracy runs: budget, data, workdir."""
+  parser.add_argument('--epochs', type=int, default=1)
+  parser.add_argument('--max-steps', type=int, default=-1,
+                      help='stop each training after this many steps')
+  parser.add_argument('--train-examples', type=int, default=-1,
+                      help='use only the first N training examples (-1: all)')
+  parser.add_argument('--eval-examples', type=int, default=-1,
+                      help='use only the first N validation and test '
+                      'examples (-1: all)')
+  parser.add_argument('--data-dir', default='',
+                      help="config.data_dir ('' = ../shared/data beside the "
+                      'repository)')
+  parser.add_argument('--tfds-data-dir', default=None,
+                      help='config.tfds_data_dir (default: the config\'s)')
+  parser.add_argument('--workdir', default=None,
+                      help='where the accuracy runs keep checkpoints (one '
+                      'subfolder per run; an existing one is resumed); '
+                      'default: a temporary folder, deleted afterwards')
+
+
+def check_training_budget(parser, args, accuracy: bool) -> None:
+  if accuracy and args.epochs < 1 and args.max_steps < 1:
+    parser.error('--accuracy needs --epochs >= 1 or --max-steps >= 1')
+
+
+def training_budget(args) -> dict[str, Any]:
+  """The budget flags, for a report's settings."""
+  return {'epochs': args.epochs, 'max_steps': args.max_steps,
+          'train_examples': args.train_examples,
+          'eval_examples': args.eval_examples}
+
+
+def train_for_accuracy(config, args, run_dir: Path) -> dict[str, Any]:
+  """Trains `config` within the budget of `args` into `run_dir` (resumed if
+  it exists); the best-on-validation checkpoint's accuracies and the wall
+  time."""
+  config.num_epochs = args.epochs
+  config.max_steps = args.max_steps
+  config.num_train_examples = args.train_examples
+  config.num_eval_examples = args.eval_examples
+  config.data_dir = args.data_dir
+  if args.tfds_data_dir:
+    config.tfds_data_dir = args.tfds_data_dir
+  config.num_reconstructions = 0
+  config.keep_checkpoints = 1
+  config.checkpoint_every_steps = 1 << 30  # only at the end of each epoch
+  start = time.perf_counter()
+  results = train_lib.train_and_evaluate(config, str(run_dir))
+  return {
+      'validation_accuracy': results['validation_accuracy'],
+      'test_accuracy': results['test_accuracy'],
+      'test_examples': results['test_examples'],
+      'checkpoint_step': results['checkpoint_step'],
+      **training_budget(args),
+      'wall_s': time.perf_counter() - start,
+  }
 
 
 def capsnet_step_flops(config, batch_size: int,

@@ -39,7 +39,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,7 +52,6 @@ from benchmarks import common  # pylint: disable=g-import-not-at-top
 from capsjax import routing  # pylint: disable=g-import-not-at-top
 from capsjax.nonlinearity import squash  # pylint: disable=g-import-not-at-top
 from train import models  # pylint: disable=g-import-not-at-top
-from train import train as train_lib  # pylint: disable=g-import-not-at-top
 
 MNIST_SHAPE = (128, 1152, 10, 8, 16)
 
@@ -86,23 +84,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--accuracy', action='store_true',
                       help='also train each configuration and record '
                       'validation and test accuracy')
-  parser.add_argument('--epochs', type=int, default=1)
-  parser.add_argument('--max-steps', type=int, default=-1,
-                      help='stop each training after this many steps')
-  parser.add_argument('--train-examples', type=int, default=-1,
-                      help='use only the first N training examples (-1: all)')
-  parser.add_argument('--eval-examples', type=int, default=-1,
-                      help='use only the first N validation and test '
-                      'examples (-1: all)')
-  parser.add_argument('--data-dir', default='',
-                      help="config.data_dir ('' = ../shared/data beside the "
-                      'repository)')
-  parser.add_argument('--tfds-data-dir', default=None,
-                      help='config.tfds_data_dir (default: the config\'s)')
-  parser.add_argument('--workdir', default=None,
-                      help='where the accuracy runs keep checkpoints (one '
-                      'subfolder per run; an existing one is resumed); '
-                      'default: a temporary folder, deleted afterwards')
+  common.add_training_budget_arguments(parser)
   parser.add_argument('--out', help='write the results as JSON here')
   common.add_allocator_argument(parser)
   parser.add_argument('--plot', help='write a PNG plot here')
@@ -120,8 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  'batch,in_capsules,out_capsules,in_dim,out_dim')
   if args.repeats < 0 or args.warmup < 0 or args.batch_size < 1:
     parser.error('--repeats, --warmup must be >= 0, --batch-size >= 1')
-  if args.accuracy and args.epochs < 1 and args.max_steps < 1:
-    parser.error('--accuracy needs --epochs >= 1 or --max-steps >= 1')
+  common.check_training_budget(parser, args, args.accuracy)
   return args
 
 
@@ -176,29 +157,8 @@ def train_for_accuracy(args, iterations: int, stop_gradient: bool,
       batch_size=args.batch_size, precision=args.precision,
       routing_iterations=iterations, stop_gradient_intermediate=stop_gradient,
       small=args.small)
-  config.num_epochs = args.epochs
-  config.max_steps = args.max_steps
-  config.num_train_examples = args.train_examples
-  config.num_eval_examples = args.eval_examples
-  config.data_dir = args.data_dir
-  if args.tfds_data_dir:
-    config.tfds_data_dir = args.tfds_data_dir
-  config.num_reconstructions = 0
-  config.keep_checkpoints = 1
-  config.checkpoint_every_steps = 1 << 30  # only at the end of each epoch
   run_dir = workdir / f'r{iterations}_stop_gradient_{stop_gradient}'.lower()
-  start = time.perf_counter()
-  results = train_lib.train_and_evaluate(config, str(run_dir))
-  return {
-      'validation_accuracy': results['validation_accuracy'],
-      'test_accuracy': results['test_accuracy'],
-      'test_examples': results['test_examples'],
-      'checkpoint_step': results['checkpoint_step'],
-      'epochs': args.epochs,
-      'max_steps': args.max_steps,
-      'train_examples': args.train_examples,
-      'wall_s': time.perf_counter() - start,
-  }
+  return common.train_for_accuracy(config, args, run_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -422,9 +382,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'precision': args.precision, 'repeats': args.repeats,
       'warmup': args.warmup, 'small': args.small,
       'train_step': not args.no_train_step, 'accuracy': args.accuracy,
-      'epochs': args.epochs, 'max_steps': args.max_steps,
-      'train_examples': args.train_examples,
-      'eval_examples': args.eval_examples,
+      **common.training_budget(args),
       'routing_loss': 'sum of squared outputs, gradient w.r.t. u_hat',
   }
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import common
+from benchmarks import routing_algorithms
 from benchmarks import routing_iterations
 from benchmarks import train_step
 
@@ -135,7 +136,7 @@ def test_routing_iterations_accuracy(tmp_path, monkeypatch):
     return {'validation_accuracy': accuracy, 'test_accuracy': accuracy - 0.01,
             'test_examples': config.num_eval_examples, 'checkpoint_step': 3}
 
-  monkeypatch.setattr(routing_iterations.train_lib, 'train_and_evaluate',
+  monkeypatch.setattr(common.train_lib, 'train_and_evaluate',
                       fake_train_and_evaluate)
   out, png = tmp_path / 'accuracy.json', tmp_path / 'accuracy.png'
   routing_iterations.main(ROUTING_TINY + [
@@ -155,6 +156,64 @@ def test_routing_iterations_accuracy(tmp_path, monkeypatch):
       pytest.approx(0.6), pytest.approx(0.7)]
   assert all(positive(row['accuracy']['wall_s']) for row in rows)
   check_png(png)
+
+
+def test_routing_algorithms_cost(tmp_path, capsys):
+  """Every algorithm timed and its memory measured; the iterative ones at
+  each iteration count, the others once; EM's memory grows with r."""
+  out, png = tmp_path / 'algorithms.json', tmp_path / 'algorithms.png'
+  report = routing_algorithms.main([
+      '--shape', '2,8,3,16', '--iterations', '1,3', '--repeats', '1',
+      '--warmup', '0', '--out', str(out), '--plot', str(png)])
+  assert json.loads(out.read_text())['benchmark'] == 'routing_algorithms'
+  assert [(row['algorithm'], row['iterations']) for row in report['cost']] == [
+      ('dynamic', 1), ('dynamic', 3), ('em', 1), ('em', 3),
+      ('self_attention', None), ('none', None)]
+  for row in report['cost']:
+    for key in ('forward', 'forward_backward'):
+      check_timed(row[key], (row['algorithm'], key))
+  em = [row['forward_backward']['memory']['peak_bytes']
+        for row in report['cost'] if row['algorithm'] == 'em']
+  assert em[1] > em[0]  # the unrolled E- and M-steps are kept for backward
+  check_machine(report['machine'])
+  check_png(png)
+  assert 'fwd+bwd MB' in capsys.readouterr().out
+
+
+def test_routing_algorithms_accuracy(tmp_path, monkeypatch):
+  """--accuracy trains the same network with each algorithm on each
+  dataset within one budget (train_and_evaluate stood in for)."""
+  configs = []
+
+  def fake_train_and_evaluate(config, workdir):
+    configs.append((config, Path(workdir)))
+    return {'validation_accuracy': 0.9, 'test_accuracy': 0.8,
+            'test_examples': config.num_eval_examples, 'checkpoint_step': 5}
+
+  monkeypatch.setattr(common.train_lib, 'train_and_evaluate',
+                      fake_train_and_evaluate)
+  out, png = tmp_path / 'accuracy.json', tmp_path / 'accuracy.png'
+  report = routing_algorithms.main([
+      '--no-cost', '--accuracy', '--algorithms', 'dynamic,none',
+      '--max-steps', '5', '--train-examples', '64', '--batch-size', '4',
+      '--workdir', str(tmp_path / 'runs'), '--out', str(out),
+      '--plot', str(png)])
+  assert [(config.dataset, config.model.routing) for config, _ in configs] == [
+      ('mnist', 'dynamic'), ('mnist', 'none'), ('fashion_mnist', 'dynamic'),
+      ('fashion_mnist', 'none')]
+  budgets = {(config.max_steps, config.num_train_examples, config.batch_size,
+              config.model.routing_iterations) for config, _ in configs}
+  assert budgets == {(5, 64, 4, 3)}
+  assert len({workdir for _, workdir in configs}) == 4
+  assert [row['iterations'] for row in report['accuracy']] == [3, None] * 2
+  check_png(png)
+
+
+def test_routing_algorithms_flags_are_checked():
+  for argv in (['--algorithms', 'k_means'], ['--shape', '2,8,3,8'],
+               ['--no-cost'], ['--accuracy', '--epochs', '0']):
+    with pytest.raises(SystemExit):
+      routing_algorithms.parse_args(argv)
 
 
 def test_memory_trend():

@@ -57,6 +57,7 @@ if str(REPO_ROOT) not in sys.path:  # `train` is not installed with capsjax.
 
 from capsjax import convolution as capsjax_convolution  # pylint: disable=g-import-not-at-top
 from train import datasets  # pylint: disable=g-import-not-at-top
+from train import hardware  # pylint: disable=g-import-not-at-top
 from train import host_memory  # pylint: disable=g-import-not-at-top
 from train import models  # pylint: disable=g-import-not-at-top
 from train import train as train_lib  # pylint: disable=g-import-not-at-top
@@ -221,43 +222,10 @@ def benchmark_host(fn: Callable[[int], Any], repeats: int,
 # The machine.
 
 
-# The /proc/cpuinfo flags recorded with every figure.
-RECORDED_CPU_FLAGS = frozenset({
-    'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl', 'avx512_vnni',
-    'avx512_bf16', 'avx512_fp16', 'avx_vnni', 'amx_tile', 'amx_bf16',
-    'amx_int8'})
-# Either is bfloat16 arithmetic in hardware: AVX-512 bfloat16 dot products
-# (AMD Zen 4 and later, Intel Cooper Lake and later) or AMX tiles (Intel
-# Sapphire Rapids and later). Without them XLA emulates bfloat16 in float32,
-# slower than float32 itself.
-BFLOAT16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')
-
-
-def _cpuinfo(text: str | None = None) -> dict[str, Any]:
-  """CPU model and its recorded flags from /proc/cpuinfo (or `text`)."""
-  info: dict[str, Any] = {}
-  if text is None:
-    try:
-      text = Path('/proc/cpuinfo').read_text()
-    except OSError:
-      return info
-  for line in text.splitlines():
-    key, _, value = line.partition(':')
-    key, value = key.strip(), value.strip()
-    if key == 'model name' and 'cpu_model' not in info:
-      info['cpu_model'] = value
-    elif key == 'flags' and 'flags' not in info:
-      info['flags'] = sorted(set(value.split()) & RECORDED_CPU_FLAGS)
-  return info
-
-
-def cpu_has_bfloat16(cpuinfo_text: str | None = None) -> bool | None:
-  """Whether the CPU has bfloat16 instructions (`BFLOAT16_CPU_FLAGS`) per
-  /proc/cpuinfo (or `cpuinfo_text`); None where there is no such file."""
-  flags = _cpuinfo(cpuinfo_text).get('flags')
-  if flags is None:
-    return None
-  return any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
+# The CPU's model and flags, and bfloat16 in hardware: train/hardware.py.
+RECORDED_CPU_FLAGS = hardware.RECORDED_CPU_FLAGS
+BFLOAT16_CPU_FLAGS = hardware.BFLOAT16_CPU_FLAGS
+cpu_has_bfloat16 = hardware.cpu_has_bfloat16
 
 
 def _memory_total_bytes() -> int | None:
@@ -312,7 +280,7 @@ def machine_info() -> dict[str, Any]:
   import flax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  cpu = _cpuinfo()
+  cpu = hardware.cpuinfo()
   device = jax.devices()[0]
   return {
       'cpu_model': cpu.get('cpu_model', platform.processor() or 'unknown'),

@@ -265,22 +265,6 @@ def test_train_step(tmp_path, capsys):
   assert 'of matmul rate' in printed and 'full training step' in printed
 
 
-CPUINFO = """\
-processor\t: 0
-model name\t: Some CPU
-flags\t\t: fpu avx2 fma {extra}
-"""
-
-
-def test_bfloat16_instructions_are_read_from_cpuinfo():
-  assert common.cpu_has_bfloat16(CPUINFO.format(extra='')) is False
-  assert common.cpu_has_bfloat16(CPUINFO.format(extra='avx512_bf16')) is True
-  assert common.cpu_has_bfloat16(CPUINFO.format(extra='amx_bf16 amx_tile'))
-  # avx512f alone (e.g. Skylake) has no bfloat16 arithmetic.
-  assert common.cpu_has_bfloat16(CPUINFO.format(extra='avx512f')) is False
-  assert common.cpu_has_bfloat16('') is None
-
-
 @pytest.mark.parametrize('backend,cpu_bfloat16,skipped', [
     ('cpu', False, True), ('cpu', True, False), ('cpu', None, False),
     ('gpu', False, False)])

@@ -25,6 +25,7 @@ from flax.training import train_state
 
 from train import batching
 from train import checkpoints as checkpoints_lib
+from train import hardware
 from train import config_checks
 from train import input_pipeline
 from train import models
@@ -154,6 +155,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   parallel_lib.maybe_initialize_distributed(config)
   config_checks.validate_config(config, jax.device_count(),
                                 jax.process_count())
+  warning = hardware.precision_warning(config)
+  if warning and jax.process_index() == 0:
+    print(warning, flush=True)
   try:
     workdir_path = workdir_lib.prepare(workdir)
     lock = workdir_lib.Lock(workdir_path) if jax.process_index() == 0 else None

@@ -29,6 +29,19 @@ class Conv2D(nn.Module):
   Same parameters ('kernel' HWIO, 'bias') and initialisers as `nn.Conv`, but
   its backward pass avoids XLA:CPU's slow strided-convolution gradient.
   `method`: 'auto' (Fourier for float32 on CPU), 'patches' or 'fourier'.
+
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> ones = nn.initializers.ones
+  >>> conv = Conv2D(features=3, kernel_size=2, kernel_init=ones)
+  >>> images = jnp.ones((1, 3, 3, 2))
+  >>> outputs, variables = conv.init_with_output(jax.random.key(0), images)
+  >>> jax.tree.map(jnp.shape, variables['params'])
+  {'bias': (3,), 'kernel': (2, 2, 2, 3)}
+  >>> outputs[0, :, :, 0].tolist()  # each a sum of 2 * 2 * 2 ones
+  [[8.0, 8.0], [8.0, 8.0]]
+  >>> flax_conv = nn.Conv(3, (2, 2), padding='VALID')  # the same parameters
+  >>> bool(jnp.allclose(flax_conv.apply(variables, images), outputs))
+  True
   """
 
   features: int
@@ -61,6 +74,21 @@ class PrimaryCapsules(nn.Module):
   Each capsule is `capsule_dim` consecutive channels at one position (never
   a group of positions, a pitfall of NCHW ports), so a `(h, w,
   capsule_types * capsule_dim)` map gives `h * w * capsule_types` capsules.
+
+  >>> import jax, jax.numpy as jnp
+  >>> layer = PrimaryCapsules(capsule_types=2, capsule_dim=4, kernel_size=3)
+  >>> features = jnp.ones((1, 5, 5, 4))
+  >>> shapes = jax.eval_shape(layer.init, jax.random.key(0), features)
+  >>> jax.tree.map(jnp.shape, shapes['params'])
+  {'Conv2D_0': {'bias': (8,), 'kernel': (3, 3, 4, 8)}}
+  >>> variables = jax.tree.map(lambda p: jnp.full(p.shape, 0.01), shapes)
+  >>> capsules = layer.apply(variables, features)
+  >>> capsules.shape  # 2 x 2 positions x 2 types, of 4D
+  (1, 8, 4)
+  >>> # Each channel is 3 * 3 * 4 * 0.01 + 0.01 = 0.37, so |s| = 0.74 and
+  >>> # the squashed length is 0.74^2 / (1 + 0.74^2).
+  >>> round(float(capsule_lengths(capsules)[0, 0]), 4)
+  0.3538
   """
 
   capsule_types: int = 32
@@ -96,6 +124,24 @@ class CapsuleLayer(nn.Module):
   'em' has beta_u and beta_a `(out_capsules,)`, 'self_attention' the log
   priors B `(in_capsules, out_capsules)`; all start at zero. With 'em' the
   out_dim-vector votes are the flattened poses.
+
+  >>> import jax, jax.numpy as jnp
+  >>> capsules, activations = jnp.ones((2, 1152, 8)), jnp.ones((2, 1152))
+  >>> key = jax.random.key(0)
+  >>> layer = CapsuleLayer(out_capsules=10, out_dim=16)
+  >>> out, variables = jax.eval_shape(layer.init_with_output, key, capsules)
+  >>> out.poses.shape, out.activations.shape
+  ((2, 10, 16), (2, 10))
+  >>> jax.tree.map(jnp.shape, variables['params'])
+  {'weights': (1152, 10, 8, 16)}
+  >>> em = CapsuleLayer(10, 16, routing='em')
+  >>> shapes = jax.eval_shape(em.init, key, capsules, activations)
+  >>> jax.tree.map(jnp.shape, shapes['params'])
+  {'beta_a': (10,), 'beta_u': (10,), 'weights': (1152, 10, 8, 16)}
+  >>> attention = CapsuleLayer(10, 16, routing='self_attention')
+  >>> shapes = jax.eval_shape(attention.init, key, capsules)
+  >>> jax.tree.map(jnp.shape, shapes['params'])
+  {'log_priors': (1152, 10), 'weights': (1152, 10, 8, 16)}
   """
 
   out_capsules: int
@@ -162,6 +208,23 @@ class MaskedDecoder(nn.Module):
   The capsule kept is the label's in training and the longest one otherwise;
   with `labels` of shape `(batch, k)` each of the k capsules is decoded on its
   own (MultiMNIST reconstructs each digit from its own capsule).
+
+  >>> import jax, jax.numpy as jnp
+  >>> decoder = MaskedDecoder(output_shape=(4, 4, 1), hidden_sizes=(8,))
+  >>> capsules = jnp.linspace(-1, 1, 2 * 10 * 16).reshape(2, 10, 16)
+  >>> labels = jnp.array([3, 7])
+  >>> variables = jax.jit(decoder.init)(jax.random.key(0), capsules, labels)
+  >>> pixels = decoder.apply(variables, capsules, labels)
+  >>> pixels.shape, bool(jnp.all((pixels > 0) & (pixels < 1)))
+  ((2, 4, 4, 1), True)
+  >>> # Only the labelled capsule is read: the others can be anything.
+  >>> others_zeroed = capsules.at[:, :3].set(0.0)
+  >>> again = decoder.apply(variables, others_zeroed, labels)
+  >>> bool(jnp.allclose(again, pixels))
+  True
+  >>> two_digits = jnp.array([[3, 5], [7, 1]])
+  >>> decoder.apply(variables, capsules, two_digits).shape
+  (2, 2, 4, 4, 1)
   """
 
   output_shape: Sequence[int] = (28, 28, 1)

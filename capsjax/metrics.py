@@ -19,6 +19,11 @@ import jax.numpy as jnp
 def top_k_classes(scores: jax.Array, k: int) -> jax.Array:
   """The k highest-scoring classes of each example, best first.
 
+  >>> import jax.numpy as jnp
+  >>> scores = jnp.array([[0.1, 0.9, 0.5], [0.7, 0.2, 0.7]])
+  >>> top_k_classes(scores, 2).tolist()  # the tie in row 2: class 0 first
+  [[1, 2], [0, 2]]
+
   Args:
     scores: `(batch, classes)`.
     k: how many, 1 <= k <= classes.
@@ -38,6 +43,12 @@ def multi_hot(labels: jax.Array, num_classes: int,
 
   A class listed twice in a row still gives 1 (not 2), so the result is a
   valid margin-loss target `T_k` for `capsjax.losses.margin_loss`.
+
+  >>> import jax.numpy as jnp
+  >>> multi_hot(jnp.array([[0, 2], [1, 1]]), 3).tolist()
+  [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+  >>> multi_hot(jnp.array([2, 0]), 3).tolist()
+  [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
   """
   if labels.ndim == 1:
     labels = labels[:, None]
@@ -46,23 +57,45 @@ def multi_hot(labels: jax.Array, num_classes: int,
 
 
 def top_k_multi_hot(scores: jax.Array, k: int) -> jax.Array:
-  """`(batch, classes)` with 1 at each example's k highest scores, else 0."""
+  """`(batch, classes)` with 1 at each example's k highest scores, else 0.
+
+  >>> import jax.numpy as jnp
+  >>> top_k_multi_hot(jnp.array([[0.1, 0.9, 0.5], [0.7, 0.2, 0.6]]), 2).tolist()
+  [[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]
+  """
   return multi_hot(top_k_classes(scores, k), scores.shape[-1])
 
 
 def accuracy(scores: jax.Array, labels: jax.Array) -> jax.Array:
-  """1.0 where the highest score is the label: `(batch,)` float32."""
+  """1.0 where the highest score is the label: `(batch,)` float32.
+
+  >>> import jax.numpy as jnp
+  >>> scores = jnp.array([[0.1, 0.9, 0.5], [0.7, 0.2, 0.6]])
+  >>> accuracy(scores, jnp.array([1, 2])).tolist()
+  [1.0, 0.0]
+  """
   return (jnp.argmax(scores, axis=-1) == labels).astype(jnp.float32)
 
 
 def top_k_accuracy(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """1.0 where the label `(batch,)` is among the k highest scores."""
+  """1.0 where the label `(batch,)` is among the k highest scores.
+
+  >>> import jax.numpy as jnp
+  >>> scores = jnp.array([[0.1, 0.9, 0.5], [0.7, 0.2, 0.6]])
+  >>> top_k_accuracy(scores, jnp.array([2, 1]), k=2).tolist()
+  [1.0, 0.0]
+  """
   hits = top_k_classes(scores, k) == labels[:, None]
   return jnp.any(hits, axis=-1).astype(jnp.float32)
 
 
 def multi_label_accuracy(scores: jax.Array, labels: jax.Array) -> jax.Array:
   """1.0 where the k highest scores are exactly the k labels, in any order.
+
+  >>> import jax.numpy as jnp
+  >>> lengths = jnp.array([[0.1, 0.9, 0.5], [0.7, 0.2, 0.6]])
+  >>> multi_label_accuracy(lengths, jnp.array([[2, 1], [0, 1]])).tolist()
+  [1.0, 0.0]
 
   Args:
     scores: `(batch, classes)`, e.g. capsule lengths.
@@ -85,6 +118,11 @@ def per_label_accuracy(scores: jax.Array, labels: jax.Array) -> jax.Array:
   """Fraction of an example's k labels that are among its k highest scores.
 
   `(batch,)` float32 in {0, 1/k, ..., 1}; a softer MultiMNIST metric.
+
+  >>> import jax.numpy as jnp
+  >>> lengths = jnp.array([[0.1, 0.9, 0.5], [0.7, 0.2, 0.6]])
+  >>> per_label_accuracy(lengths, jnp.array([[2, 1], [0, 1]])).tolist()
+  [1.0, 0.5]
   """
   if labels.ndim != 2:
     raise ValueError(f'labels must be (batch, k), got shape {labels.shape}')

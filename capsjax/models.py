@@ -35,6 +35,21 @@ class CapsNet(nn.Module):
   On 28x28x1 inputs and 10 classes it has 8,215,568 parameters (6,804,224
   without the decoder), as in the paper. The input size is read from the
   images at `init`, so 36x36 (MultiMNIST) or 40x40 (affNIST) work unchanged.
+
+  >>> import math, jax, jax.numpy as jnp
+  >>> def count(variables):
+  ...   return sum(math.prod(p.shape) for p in jax.tree.leaves(variables))
+  >>> key, mnist = jax.random.key(0), jnp.zeros((1, 28, 28, 1))
+  >>> count(jax.eval_shape(CapsNet().init, key, mnist))
+  8215568
+  >>> count(jax.eval_shape(CapsNet(use_decoder=False).init, key, mnist))
+  6804224
+  >>> model, multimnist = CapsNet(), jnp.zeros((2, 36, 36, 1))
+  >>> variables = jax.eval_shape(model.init, key, multimnist)
+  >>> two_digits = jnp.array([[3, 5], [7, 1]])
+  >>> out = jax.eval_shape(model.apply, variables, multimnist, two_digits)
+  >>> out.capsules.shape, out.lengths.shape, out.reconstructions.shape
+  ((2, 10, 16), (2, 10), (2, 2, 36, 36, 1))
   """
 
   num_classes: int = 10
@@ -133,6 +148,21 @@ class EfficientCapsNet(nn.Module):
   statistics are in 'batch_stats'), plus 1,411,344 for the optional decoder,
   which the paper does not count. Call with `train=True` and
   `mutable=['batch_stats']` in training.
+
+  >>> import math, jax, jax.numpy as jnp
+  >>> def count(variables):
+  ...   return sum(math.prod(p.shape) for p in jax.tree.leaves(variables))
+  >>> model, images = EfficientCapsNet(), jnp.zeros((2, 28, 28, 1))
+  >>> variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  >>> count(variables['params']) - count(variables['params']['decoder'])
+  161824
+  >>> count(variables['params']['decoder']), count(variables['batch_stats'])
+  (1411344, 576)
+  >>> out, updates = jax.eval_shape(
+  ...     lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']),
+  ...     variables, images)
+  >>> out.lengths.shape, list(updates)
+  ((2, 10), ['batch_stats'])
   """
 
   num_classes: int = 10

@@ -358,6 +358,15 @@ def no_routing(
   Without input activations (a_i = 1) this is dynamic routing with one
   iteration.
 
+  >>> import jax, jax.numpy as jnp
+  >>> votes = jax.random.normal(jax.random.key(0), (2, 32, 10, 16))
+  >>> out = no_routing(votes, return_coupling=True)
+  >>> bool(jnp.allclose(out.coupling, 1 / 10))
+  True
+  >>> one_iteration = dynamic_routing(votes, num_iterations=1)
+  >>> bool(jnp.allclose(out.poses, one_iteration, atol=1e-6))
+  True
+
   Args:
     votes: u_hat, `(batch, in_capsules, out_capsules, dim)`.
     activations: optional a_i, `(batch, in_capsules)`, weighting each input's
@@ -431,6 +440,16 @@ def self_attention_routing(
   votes; its row sums are the logits, the coupling is a softmax over the
   outputs for each input, the learned log priors B are added after it, and
   s_j = sum_i u_hat[j|i] (C_ij + B_ij) is squashed by `exponential_squash`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> votes = jax.random.normal(jax.random.key(0), (2, 32, 10, 16))
+  >>> out = self_attention_routing(votes, return_coupling=True)
+  >>> out.poses.shape, out.coupling.shape
+  ((2, 10, 16), (2, 32, 10))
+  >>> bool(jnp.allclose(out.coupling.sum(-1), 1.0, atol=1e-6))
+  True
+  >>> bool(jnp.all(out.activations <= 1))
+  True
 
   Args:
     votes: u_hat, `(batch, in_capsules, out_capsules, dim)`.
@@ -545,6 +564,19 @@ def em_routing(
     return_coupling: bool = False,
 ) -> RoutingOutput:
   """EM routing between matrix capsule layers (Procedure 1, 2018).
+
+  >>> import jax, jax.numpy as jnp
+  >>> vote_key, activation_key = jax.random.split(jax.random.key(0))
+  >>> votes = jax.random.normal(vote_key, (2, 32, 10, 4, 4))  # 4x4 poses
+  >>> activations = jax.random.uniform(activation_key, (2, 32))
+  >>> out = em_routing(votes, activations, jnp.zeros(10), jnp.zeros(10),
+  ...                  return_coupling=True)
+  >>> out.poses.shape, out.activations.shape
+  ((2, 10, 4, 4), (2, 10))
+  >>> bool(jnp.all((out.activations > 0) & (out.activations < 1)))
+  True
+  >>> bool(jnp.allclose(out.coupling.sum(-1), 1.0, atol=1e-5))
+  True
 
   Args:
     votes: V_ij = M_i W_ij, `(batch, in_capsules, out_capsules, *pose)`

@@ -7,12 +7,15 @@ import pytest
 from capsjax import convolution
 from capsjax import layers
 from capsjax import losses
+from capsjax import metrics
+from capsjax import models
 from capsjax import nonlinearity
 from capsjax import routing
 
 
 @pytest.mark.parametrize('module', [nonlinearity, routing, losses, convolution,
-                                    layers], ids=lambda module: module.__name__)
+                                    layers, models, metrics],
+                         ids=lambda module: module.__name__)
 def test_docstring_examples_run(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0, f'{module.__name__} has no examples'

@@ -15,6 +15,7 @@ if str(REPO_ROOT) not in sys.path:  # Import `train` without installing it.
   sys.path.insert(0, str(REPO_ROOT))
 
 from train import datasets  # pylint: disable=g-import-not-at-top
+from train import tfds_builders  # pylint: disable=g-import-not-at-top
 from train import tfds_splits  # pylint: disable=g-import-not-at-top
 
 SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data'
@@ -66,9 +67,9 @@ def mnist_tfds_dir(mnist_idx_dir, tmp_path_factory) -> Path:
   session_dir = _session_dir(tmp_path_factory)
   tfds_dir = session_dir / 'capsjax_tfds'
   with _exclusive_lock(session_dir / 'capsjax_tfds.lock'):
-    if not datasets.CapsjaxMnist(data_dir=str(tfds_dir)).is_prepared():
+    if not tfds_builders.CapsjaxMnist(data_dir=str(tfds_dir)).is_prepared():
       start = time.perf_counter()
-      datasets.prepare('mnist', tfds_dir, mnist_idx_dir)
+      tfds_builders.prepare('mnist', tfds_dir, mnist_idx_dir)
       _timings['prepare MNIST with CapsjaxMnist'] = (
           time.perf_counter() - start)
   return tfds_dir

@@ -1,4 +1,5 @@
-"""Tests of IDX parsing, verification and our tfds builders (train/datasets)."""
+"""Tests of IDX parsing and verification (train/datasets) and of our tfds
+builders (train/tfds_builders)."""
 
 import contextlib
 import functools
@@ -20,6 +21,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import checksums
 
 from train import datasets
+from train import tfds_builders
 from train.datasets import DataError
 
 
@@ -52,9 +54,9 @@ def test_real_files_verify(dataset, shared_idx_dir):
 def test_checksums_tsv_matches_table_and_files(dataset, shared_idx_dir):
   """tfds loads our checksums.tsv; its sha256 sums are those of the files."""
   directory = shared_idx_dir(dataset)
-  url_infos = datasets.BUILDERS[dataset].url_infos
+  url_infos = tfds_builders.BUILDERS[dataset].url_infos
   for spec in datasets.KNOWN_IDX_FILES[dataset].values():
-    url_info = url_infos[datasets.DOWNLOAD_URLS[dataset] + spec.filename]
+    url_info = url_infos[tfds_builders.DOWNLOAD_URLS[dataset] + spec.filename]
     assert int(url_info.size) == spec.num_bytes
     data = (directory / spec.filename).read_bytes()
     assert hashlib.sha256(data).hexdigest() == url_info.checksum
@@ -165,10 +167,10 @@ def test_unknown_dataset():
 
 
 def test_builders_are_registered_without_clashing():
-  assert tfds.builder_cls('capsjax_mnist') is datasets.CapsjaxMnist
+  assert tfds.builder_cls('capsjax_mnist') is tfds_builders.CapsjaxMnist
   assert (tfds.builder_cls('capsjax_fashion_mnist')
-          is datasets.CapsjaxFashionMnist)
-  assert tfds.builder_cls('mnist') is not datasets.CapsjaxMnist
+          is tfds_builders.CapsjaxFashionMnist)
+  assert tfds.builder_cls('mnist') is not tfds_builders.CapsjaxMnist
 
 
 def test_prepare_verifies_before_writing(mnist_idx_dir, tmp_path):
@@ -178,7 +180,7 @@ def test_prepare_verifies_before_writing(mnist_idx_dir, tmp_path):
   paths['train_images'].write_bytes(data[:-1000])
   tfds_dir = tmp_path / 'tfds'
   with pytest.raises(DataError, match='truncated') as error:
-    datasets.prepare('mnist', tfds_dir, idx_dir)
+    tfds_builders.prepare('mnist', tfds_dir, idx_dir)
   assert str(paths['train_images']) in str(error.value)
   assert not (tfds_dir / 'capsjax_mnist').exists()
 
@@ -208,7 +210,7 @@ def test_without_manual_files_builder_downloads_canonical_urls(
     dataset, tmp_path):
   """The download path, without network: the URLs asked for are the ones
   tfds uses (and that checksums.tsv covers); the results are used."""
-  builder = datasets.BUILDERS[dataset](data_dir=str(tmp_path))
+  builder = tfds_builders.BUILDERS[dataset](data_dir=str(tmp_path))
   for manual_dir in (None, tmp_path):  # Not set, or without the files.
     manager = FakeDownloadManager(manual_dir, files_dir=Path('/downloads'))
     paths = builder._source_files(manager)  # pylint: disable=protected-access
@@ -218,7 +220,7 @@ def test_without_manual_files_builder_downloads_canonical_urls(
 
 
 def test_with_manual_files_builder_uses_them(mnist_idx_dir, tmp_path):
-  builder = datasets.CapsjaxMnist(data_dir=str(tmp_path))
+  builder = tfds_builders.CapsjaxMnist(data_dir=str(tmp_path))
   manager = FakeDownloadManager(mnist_idx_dir, files_dir=Path('/downloads'))
   paths = builder._source_files(manager)  # pylint: disable=protected-access
   assert manager.downloaded_urls is None
@@ -226,7 +228,7 @@ def test_with_manual_files_builder_uses_them(mnist_idx_dir, tmp_path):
 
 
 def test_prepared_dataset_info(mnist_tfds_dir):
-  builder = datasets.CapsjaxMnist(data_dir=str(mnist_tfds_dir))
+  builder = tfds_builders.CapsjaxMnist(data_dir=str(mnist_tfds_dir))
   assert builder.is_prepared()
   assert builder.info.splits['train'].num_examples == 60000
   assert builder.info.splits['test'].num_examples == 10000
@@ -253,9 +255,9 @@ def serve_directory(directory: Path):
 
 def local_url_infos(base_url: str, corrupt: bool = False):
   """checksums.tsv's MNIST entries, moved to base_url (optionally one wrong)."""
-  canonical = datasets.DOWNLOAD_URLS['mnist']
+  canonical = tfds_builders.DOWNLOAD_URLS['mnist']
   infos = {base_url + url[len(canonical):]: info
-           for url, info in datasets.CapsjaxMnist.url_infos.items()
+           for url, info in tfds_builders.CapsjaxMnist.url_infos.items()
            if url.startswith(canonical)}
   if corrupt:
     url = min(infos)
@@ -273,9 +275,9 @@ def test_download_path_through_tfds(mnist_idx_dir, tmp_path, monkeypatch,
   written, to keep it fast."""
   with serve_directory(mnist_idx_dir) as base_url:
     url_infos = local_url_infos(base_url, corrupt)
-    monkeypatch.setitem(datasets.DOWNLOAD_URLS, 'mnist', base_url)
-    monkeypatch.setattr(datasets.CapsjaxMnist, 'url_infos', url_infos)
-    builder = datasets.CapsjaxMnist(data_dir=str(tmp_path))
+    monkeypatch.setitem(tfds_builders.DOWNLOAD_URLS, 'mnist', base_url)
+    monkeypatch.setattr(tfds_builders.CapsjaxMnist, 'url_infos', url_infos)
+    builder = tfds_builders.CapsjaxMnist(data_dir=str(tmp_path))
     download_config = tfds.download.DownloadConfig(
         max_examples_per_split=1, try_download_gcs=False)
     if corrupt:
@@ -293,9 +295,9 @@ def test_damaged_prepared_dataset_is_prepared_again(mnist_idx_dir,
                                                     capsys):
   tfds_dir = tmp_path / 'tfds'
   shutil.copytree(mnist_tfds_dir, tfds_dir)
-  builder = datasets.CapsjaxMnist(data_dir=str(tfds_dir))
+  builder = tfds_builders.CapsjaxMnist(data_dir=str(tfds_dir))
   record = json.loads(
-      (Path(builder.data_dir) / datasets.PREPARED_RECORD).read_text())
+      (Path(builder.data_dir) / tfds_builders.PREPARED_RECORD).read_text())
   assert set(record['source']) == set(datasets.ROLES)
   test_file = next(Path(builder.data_dir).glob('*test.array_record*'))
   original = test_file.read_bytes()
@@ -303,20 +305,20 @@ def test_damaged_prepared_dataset_is_prepared_again(mnist_idx_dir,
     file.seek(len(original) // 2)
     file.write(b'\xff' * 64)
 
-  builder = datasets.prepare('mnist', tfds_dir, mnist_idx_dir)
+  builder = tfds_builders.prepare('mnist', tfds_dir, mnist_idx_dir)
 
   warning = capsys.readouterr().out
   assert f'warning: prepared dataset {builder.data_dir}' in warning
   assert test_file.name in warning and 'preparing it again' in warning
   assert test_file.read_bytes() == original
   # Intact now: the next call neither warns nor prepares.
-  datasets.prepare('mnist', tfds_dir, mnist_idx_dir)
+  tfds_builders.prepare('mnist', tfds_dir, mnist_idx_dir)
   assert 'warning' not in capsys.readouterr().out
 
 
 def test_concurrent_prepare_writes_one_dataset(mnist_idx_dir, tmp_path):
-  script = ('import sys; from train import datasets; '
-            'datasets.prepare("mnist", sys.argv[1], sys.argv[2])')
+  script = ('import sys; from train import tfds_builders; '
+            'tfds_builders.prepare("mnist", sys.argv[1], sys.argv[2])')
   tfds_dir = tmp_path / 'tfds'
   processes = [subprocess.Popen(
       [sys.executable, '-c', script, str(tfds_dir), str(mnist_idx_dir)],
@@ -324,8 +326,8 @@ def test_concurrent_prepare_writes_one_dataset(mnist_idx_dir, tmp_path):
       stderr=subprocess.STDOUT) for _ in range(2)]
   outputs = [process.communicate(timeout=600)[0] for process in processes]
   assert [process.returncode for process in processes] == [0, 0], outputs
-  builder = datasets.CapsjaxMnist(data_dir=str(tfds_dir))
+  builder = tfds_builders.CapsjaxMnist(data_dir=str(tfds_dir))
   assert builder.is_prepared()
   # One complete dataset, matching the checksums recorded with it.
-  assert datasets._prepared_builder('mnist', tfds_dir)[1] is None  # pylint: disable=protected-access
+  assert tfds_builders._prepared_builder('mnist', tfds_dir)[1] is None  # pylint: disable=protected-access
   assert not list((tfds_dir / 'capsjax_mnist').glob('*incomplete*'))

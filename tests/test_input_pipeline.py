@@ -9,6 +9,7 @@ import pytest
 
 from train import datasets
 from train import batching
+from train import tfds_builders
 from train import tfds_splits
 from train.datasets import DataError
 
@@ -68,7 +69,7 @@ def test_second_load_does_not_prepare_again(mnist_splits, mnist_idx_dir,
   def fail(*args, **kwargs):
     raise AssertionError('prepared again')
   # The given IDX files are verified on every run; preparing is once.
-  monkeypatch.setattr(datasets.CapsjaxMnist, 'download_and_prepare', fail)
+  monkeypatch.setattr(tfds_builders.CapsjaxMnist, 'download_and_prepare', fail)
   splits = tfds_splits.load_splits(
       'mnist', str(mnist_idx_dir), str(mnist_tfds_dir),
       validation_size=10000)
@@ -78,7 +79,7 @@ def test_second_load_does_not_prepare_again(mnist_splits, mnist_idx_dir,
 
 def test_fast_parsing_matches_tfds_decoding(mnist_tfds_dir):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = datasets.CapsjaxMnist(data_dir=str(mnist_tfds_dir))
+  builder = tfds_builders.CapsjaxMnist(data_dir=str(mnist_tfds_dir))
   raw = tfds.data_source(
       builder.name, split='test', data_dir=str(mnist_tfds_dir),
       download=False,

@@ -1,8 +1,8 @@
 """MNIST and Fashion-MNIST as numpy splits, through tfds.
 
-`load_splits` prepares the dataset with our tfds builder (`train/datasets.py`,
-once) and reads it whole into numpy arrays with `tfds.data_source`: MNIST is
-50 MB as uint8, so there is nothing to stream.
+`load_splits` prepares the dataset with our tfds builder
+(`train/tfds_builders.py`, once) and reads it whole into numpy arrays with
+`tfds.data_source`: MNIST is 50 MB as uint8, so there is nothing to stream.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from google.protobuf import message as protobuf_message
 from tensorflow_datasets.proto import tf_example_pb2
 
 from train import datasets
+from train import tfds_builders
 from train.datasets import DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def load_splits(dataset: str, data_dir: str | None, tfds_data_dir: str,
     raise DataError(f'validation_size {validation_size} must be in '
                     f'[0, {num_official_train})')
   idx_dir = resolve_idx_dir(dataset, data_dir)
-  builder = datasets.prepare(dataset, tfds_data_dir, idx_dir)
+  builder = tfds_builders.prepare(dataset, tfds_data_dir, idx_dir)
   sources = tfds.data_source(
       builder.name, data_dir=os.fspath(tfds_data_dir), download=False,
       deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)

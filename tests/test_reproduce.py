@@ -1,9 +1,11 @@
-"""train/reproduce.py: the queue of runs, its status and its records."""
+"""train/reproduce.py and train/campaign.py: the queue of runs, its status
+and its records."""
 
 import json
 
 import pytest
 
+from train import campaign
 from train import reproduce
 from train import workdir as workdir_lib
 
@@ -20,9 +22,9 @@ def tiny_row(mnist_idx_dir, mnist_tfds_dir, monkeypatch):
       'model.decoder_hidden_sizes': '(32,64)', 'num_reconstructions': 0,
       'data_dir': mnist_idx_dir, 'tfds_data_dir': mnist_tfds_dir,
   }
-  return reproduce.Row(name='tiny', what='a tiny CapsNet',
-                       paper='0.25% test error', paper_length='-',
-                       overrides=tuple(overrides.items()))
+  return campaign.Row(name='tiny', what='a tiny CapsNet',
+                      paper='0.25% test error', paper_length='-',
+                      overrides=tuple(overrides.items()))
 
 
 def test_queue_runs_records_and_skips_finished_rows(tiny_row, tmp_path):
@@ -45,7 +47,7 @@ def test_queue_runs_records_and_skips_finished_rows(tiny_row, tmp_path):
   assert status == ('tiny: done, 1.0 epochs, test error '
                     f"{100 * record['test']['test_error']:.2f}% (paper: "
                     '0.25% test error)')
-  table = reproduce.docs_table(records, [tiny_row])
+  table = campaign.docs_table(records, [tiny_row])
   assert '| tiny | a tiny CapsNet | 1 epochs (8 steps) |' in table
   assert '0.25% test error' in table
 
@@ -75,10 +77,10 @@ def test_status_of_running_and_stopped_rows(tiny_row, tmp_path):
 
 
 def test_rows_are_valid_and_unknown_rows_refused(capsys):
-  names = [row.name for row in reproduce.ROWS]
+  names = [row.name for row in campaign.ROWS]
   assert len(names) == len(set(names))
   assert names[0] == 'mnist_r3_recon'
-  for row in reproduce.ROWS:
+  for row in campaign.ROWS:
     for name in row.robustness_of:
       assert names.index(name) < names.index(row.name)
   assert reproduce.main(['--root=/nonexistent', '--rows=nope']) == 2

@@ -1,0 +1,279 @@
+"""The paper's experiments as rows of runs, and the records of finished rows.
+
+Each row of `ROWS` is a named run: a config of `python -m train.main` (or,
+for `robustness` rows, `python -m train.robustness` over other rows'
+workdirs), with the paper's figure beside it; `python -m train.reproduce`
+runs them as one resumable queue.
+
+A finished training row's record (`training_record`, written as
+`<row>.json`) holds the config, the commit that trained it, the steps and
+epochs, the training time and machine, the validation curve, and the test
+metrics of the best checkpoint on validation. `docs_table` is the Markdown
+table of every record beside the paper's figures; no figure in it comes from
+anywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = 'train/configs/default.py'
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One run of the campaign.
+
+  Attributes:
+    name: its workdir and record name.
+    what: what it trains, for people.
+    paper: the paper's figure for the same setting.
+    paper_length: how long the paper (or the reference it cites) trained.
+    config: the config file of `python -m train.main` (with an optional
+      ':argument').
+    overrides: `--config.FIELD=VALUE` settings.
+    robustness_of: for a robustness row, the rows whose models it sweeps.
+    angles: the rotation sweep of a robustness row.
+  """
+
+  name: str
+  what: str
+  paper: str
+  paper_length: str
+  config: str = DEFAULT_CONFIG
+  overrides: tuple[tuple[str, Any], ...] = ()
+  robustness_of: tuple[str, ...] = ()
+  angles: str = '-90:90:5'
+
+  def train_command(self, workdir: Path) -> list[str]:
+    return [sys.executable, '-m', 'train.main', f'--workdir={workdir}',
+            f'--config={REPO_ROOT / self.config}',
+            *(f'--config.{field}={value}' for field, value in self.overrides)]
+
+  def num_epochs(self) -> float | None:
+    return dict(self.overrides).get('num_epochs')
+
+
+PAPER_50_EPOCHS = '50 epochs in the best public reproductions'
+ABLATION_EPOCHS = 10
+
+
+def _ablation_rows() -> list[Row]:
+  paper = {(1, False): '0.34% +- 0.032', (1, True): '0.29% +- 0.011',
+           (3, False): '0.35% +- 0.036', (3, True): '0.25% +- 0.005'}
+  rows = []
+  for iterations, reconstruction in ((1, False), (1, True), (3, False),
+                                     (3, True)):
+    for seed in range(3):
+      tag = f"r{iterations}_{'recon' if reconstruction else 'norecon'}"
+      rows.append(Row(
+          name=f'ablation_{tag}_seed{seed}',
+          what=(f'MNIST CapsNet, {iterations} routing iteration(s), '
+                f"{'with' if reconstruction else 'no'} reconstruction, "
+                f'seed {seed}, {ABLATION_EPOCHS} epochs'),
+          paper=f'{paper[iterations, reconstruction]} test error',
+          paper_length='not stated (3 trials each)',
+          overrides=(('num_epochs', ABLATION_EPOCHS),
+                     ('routing_iterations', iterations),
+                     ('reconstruction_weight',
+                      0.0005 if reconstruction else 0.0),
+                     ('seed', seed)),
+      ))
+  return rows
+
+
+ROWS: tuple[Row, ...] = (
+    Row(name='mnist_r3_recon',
+        what='MNIST CapsNet, 3 routing iterations, reconstruction (the '
+        "paper's setup)",
+        paper='0.25% test error', paper_length=PAPER_50_EPOCHS,
+        overrides=(('num_epochs', 50),)),
+    Row(name='mnist_lenet5', what='LeNet-5, same data and augmentation',
+        paper='98.68% upright, 76.05% at 35 degrees (a tutorial)',
+        paper_length='not stated',
+        config='train/configs/lenet5.py', overrides=(('num_epochs', 30),)),
+    Row(name='mnist_baseline_cnn',
+        what="the paper's baseline CNN (35.4M parameters), same data and "
+        'augmentation',
+        paper='0.39% test error', paper_length='not stated',
+        config='train/configs/baseline_cnn.py',
+        overrides=(('num_epochs', 10),)),
+    Row(name='robustness_mnist',
+        what='rotated (-90..90 degrees) and affine MNIST test sets',
+        paper='CapsNet 84.09%, LeNet-5 76.05% at 35 degrees (a tutorial)',
+        paper_length='-',
+        robustness_of=('mnist_r3_recon', 'mnist_lenet5',
+                       'mnist_baseline_cnn')),
+    *_ablation_rows(),
+    Row(name='affnist_capsnet',
+        what='CapsNet trained on MNIST at random places on 40x40, tested '
+        'on the affine set',
+        paper='79% affNIST accuracy', paper_length='until 99.2% on '
+        'expanded MNIST', config='train/configs/affnist.py',
+        overrides=(('num_epochs', 20),)),
+    Row(name='affnist_baseline_cnn',
+        what='the baseline CNN under the affNIST protocol',
+        paper='66% affNIST accuracy', paper_length='until 99.2% on '
+        'expanded MNIST', config='train/configs/affnist.py:baseline_cnn',
+        overrides=(('num_epochs', 10),)),
+    Row(name='multimnist_capsnet',
+        what='MultiMNIST CapsNet, 3 routing iterations, reconstruction',
+        paper='5.2% test error', paper_length='not stated (days on a GPU)',
+        config='train/configs/multimnist.py',
+        overrides=(('num_epochs', 10),)),
+)
+ROWS_BY_NAME = {row.name: row for row in ROWS}
+
+
+# ---------------------------------------------------------------------------
+# Records.
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+  """The records of a JSON-lines file ([] if there is none), skipping a
+  line cut short."""
+  if not path.exists():
+    return []
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      pass  # A line cut by a kill.
+  return records
+
+
+def machine() -> dict[str, Any]:
+  """The CPU (model and the flags that matter for speed) and JAX."""
+  import jax  # pylint: disable=g-import-not-at-top
+  model, flags = platform.processor(), set()
+  try:
+    for line in Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith('model name') and ':' in line:
+        model = line.split(':', 1)[1].strip()
+      elif line.startswith('flags') and ':' in line:
+        flags = set(line.split(':', 1)[1].split())
+  except OSError:
+    pass
+  wanted = ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile')
+  return {
+      'cpu': model,
+      'cpu_flags': [flag for flag in wanted if flag in flags],
+      'cpu_count': os.cpu_count(),
+      'jax': jax.__version__,
+      'device': jax.devices()[0].device_kind,
+  }
+
+
+def commit() -> str:
+  """The repository's commit (with '-dirty' if it has changes)."""
+  try:
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT,
+                          capture_output=True, text=True,
+                          check=True).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-'
+                            'files=no'], cwd=REPO_ROOT, capture_output=True,
+                           text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+  return head + ('-dirty' if dirty else '')
+
+
+def training_record(row: Row, workdir: Path) -> dict[str, Any]:
+  """What a finished training row trained, for how long, and how well."""
+  config = json.loads((workdir / 'config.json').read_text())
+  test = json.loads((workdir / 'test_results.json').read_text())
+  records = read_json_lines(workdir / 'metrics.jsonl')
+  epochs = [record for record in records if record.get('kind') == 'epoch']
+  best = max(epochs, key=lambda record: (record['validation_accuracy'],
+                                         record['step']))
+  return {
+      'row': row.name,
+      'what': row.what,
+      'paper': row.paper,
+      'paper_length': row.paper_length,
+      'command': ' '.join(['python -m train.main', '--workdir=DIR',
+                           f'--config={row.config}',
+                           *(f'--config.{field}={value}'
+                             for field, value in row.overrides)]),
+      'commit': commit(),
+      'machine': machine(),
+      'steps': epochs[-1]['step'],
+      'epochs': epochs[-1]['epoch'],
+      'train_hours': sum(record['seconds'] for record in epochs) / 3600,
+      'validation_curve': [[record['epoch'], record['validation_accuracy']]
+                           for record in epochs],
+      'best_epoch': best['epoch'],
+      'test': test,
+      'config_changes': [record['changes'] for record in records
+                         if record.get('kind') == 'config_change'],
+      'config': config,
+  }
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  temporary = path.with_suffix('.tmp')
+  temporary.write_text(json.dumps(record, indent=1, allow_nan=False) + '\n')
+  temporary.replace(path)
+
+# ---------------------------------------------------------------------------
+# The table.
+
+
+def _percent(value: float) -> str:
+  return f'{100 * value:.2f}%'
+
+
+def docs_table(records: Path, rows: Sequence[Row] = ROWS) -> str:
+  """Markdown: every training record beside the paper, then robustness."""
+  lines = [
+      '| row | what | trained | time | best val. acc. (epoch) | '
+      'test error | paper | paper trained |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- |']
+  robustness = []
+  pending = []
+  for row in rows:
+    path = records / f'{row.name}.json'
+    if not path.exists():
+      pending.append(row.name)
+      continue
+    record = json.loads(path.read_text())
+    if row.robustness_of:
+      robustness.append(record)
+      continue
+    best = max(accuracy for _, accuracy in record['validation_curve'])
+    lines.append(
+        f"| {row.name} | {row.what} | {record['epochs']:g} epochs "
+        f"({record['steps']} steps) | {record['train_hours']:.1f} h on "
+        f"{record['machine']['cpu_count']}-core {record['machine']['cpu']} | "
+        f"{_percent(best)} ({record['best_epoch']:g}) | "
+        f"{_percent(record['test']['test_error'])} | {row.paper} | "
+        f'{row.paper_length} |')
+  for record in robustness:
+    results = record['results']
+    angles = next(iter(results.values()))['angles']
+    shown = [angle for angle in angles if angle >= 0 and angle % 15 == 0
+             or angle == 35]
+    lines += ['', f"Robustness ({record['row']}: {record['what']}; paper: "
+              f"{record['paper']}), test accuracy:", '',
+              '| model | ' + ' | '.join(f'{angle:g} deg' for angle in shown)
+              + ' | affine |',
+              '| --- |' + ' --- |' * (len(shown) + 1)]
+    for name, result in results.items():
+      by_angle = dict(zip(result['angles'], result['accuracy']))
+      lines.append(f'| {name} | ' + ' | '.join(
+          _percent(by_angle[angle]) for angle in shown)
+                   + f" | {_percent(result['affine_accuracy'])} |")
+  if pending:
+    lines += ['', 'Not finished yet: ' + ', '.join(pending) + '.']
+  return '\n'.join(lines) + '\n'
+

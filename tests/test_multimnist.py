@@ -6,6 +6,7 @@ import pytest
 from train import datasets
 from train import batching
 from train import multimnist
+from train import multimnist_overlap
 from train import tfds_splits
 from train import transforms
 
@@ -160,9 +161,9 @@ def test_pair_set_batches_pad_and_mask():
 def test_box_overlap_hand_made():
   a = np.array([[0, 10, 0, 10], [0, 10, 0, 10], [0, 4, 0, 4], [0, 0, 0, 0]])
   b = np.array([[5, 15, 0, 10], [2, 4, 2, 4], [4, 8, 4, 8], [0, 4, 0, 4]])
-  np.testing.assert_allclose(multimnist.box_overlap(a, b, 'smaller'),
+  np.testing.assert_allclose(multimnist_overlap.box_overlap(a, b, 'smaller'),
                              [0.5, 1.0, 0.0, 0.0])
-  np.testing.assert_allclose(multimnist.box_overlap(a, b, 'union'),
+  np.testing.assert_allclose(multimnist_overlap.box_overlap(a, b, 'union'),
                              [50 / 150, 4 / 100, 0.0, 0.0])
 
 
@@ -180,7 +181,7 @@ def _pairs_overlap(images, labels, shifts_of=lambda shifts: shifts):
   first, second, shifts = pair_set.indices(0, 1000)
   pairs = multimnist.make_pairs(images, labels, first, second,
                                 shifts_of(shifts.copy()))
-  return multimnist.mean_overlap(pairs['digits'])
+  return multimnist_overlap.mean_overlap(pairs['digits'])
 
 
 # The seed-0 pairs of the real test digits, measured: 72.26% of the smaller
@@ -191,7 +192,7 @@ EXPECTED_OVERLAP = {'smaller': 0.7226, 'union': 0.4450}
 
 def test_real_pairs_overlap(real_test_digits):
   images, labels = real_test_digits
-  overlap = multimnist.mean_overlap(
+  overlap = multimnist_overlap.mean_overlap(
       multimnist.generate(images, labels, 1000, seed=0)['digits'])
   assert overlap == _pairs_overlap(images, labels)
   for kind, expected in EXPECTED_OVERLAP.items():

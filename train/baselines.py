@@ -29,7 +29,7 @@ default) or a `capsjax.convolution` method on a zero-padded input (same
 parameters, same maths). The training program passes
 `config.model.conv_method` ('auto' by default: the convolution theorem for
 the 256-channel layers of BaselineCNN on CPU, patches elsewhere). Measured
-with `measure_step_time` at batch 32 on 28x28 (2 CPU cores, another job
+as one jitted SGD step at batch 32 on 28x28 (2 CPU cores, another job
 running): BaselineCNN 17.5 s per step with lax, 3.2 s with 'fourier'
 (in training at batch 128 with 'auto': 250 steps and a validation pass in
 19.1 min). Earlier, at batch 8: lax 1.64-1.77 s against 1.77-1.81 s by
@@ -39,7 +39,6 @@ patches; LeNet-5 3 ms per step either way.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -164,47 +163,8 @@ def parameter_count(model: nn.Module, image_shape: Sequence[int]) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
 
 
-def measure_step_time(model: nn.Module, batch_size: int = 8,
-                      image_shape: Sequence[int] = (28, 28, 1),
-                      steps: int = 3) -> dict[str, float]:
-  """Seconds to compile one SGD step on `model`, and per step after that.
-
-  How the conv implementation was chosen:
-  `measure_step_time(BaselineCNN(conv_implementation=...))`.
-  """
-  images = jnp.zeros((batch_size, *image_shape), jnp.float32)
-  labels = jnp.zeros((batch_size,), jnp.int32)
-  params = model.init(jax.random.key(0), images[:1])['params']
-
-  @jax.jit
-  def step(params, images, labels, key):
-    def loss(params):
-      logits = model.apply({'params': params}, images, deterministic=False,
-                           rngs={'dropout': key}).logits
-      return -jnp.mean(jnp.take_along_axis(
-          jax.nn.log_softmax(logits), labels[:, None], axis=1))
-    grads = jax.grad(loss)(params)
-    return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)
-
-  start = time.perf_counter()
-  params = jax.block_until_ready(step(params, images, labels,
-                                      jax.random.key(1)))
-  first = time.perf_counter() - start
-  start = time.perf_counter()
-  for index in range(steps):
-    params = step(params, images, labels, jax.random.key(index))
-  jax.block_until_ready(params)
-  return {'compile_and_first_step': first,
-          'step': (time.perf_counter() - start) / steps}
-
-
 if __name__ == '__main__':
   for image_shape in ((28, 28, 1), (36, 36, 1), (40, 40, 1)):
     for model in (BaselineCNN(), LeNet5()):
       print(f'{type(model).__name__} on {image_shape}: '
             f'{parameter_count(model, image_shape):,} parameters')
-  for implementation in CONV_IMPLEMENTATIONS:
-    for model in (BaselineCNN(conv_implementation=implementation),
-                  LeNet5(conv_implementation=implementation)):
-      print(f'{type(model).__name__} conv={implementation} batch 8:',
-            {k: round(v, 3) for k, v in measure_step_time(model).items()})

@@ -18,10 +18,11 @@ One way to do each thing:
 - `flops_of`: `compiled.cost_analysis()['flops']`. XLA counts a while loop's
   body once, not once per trip, so a `fori_loop` (the routing iterations) is
   under-counted; `capsnet_step_flops` is the analytic count to compare with.
-- `add_allocator_argument` / `set_up_allocator`: `--system-malloc`; by
+- `add_allocator_argument` / `set_up_machine`: `--system-malloc`; by
   default the process reuses freed host memory as `train/main.py` does
   (`train/host_memory.py`), and `ALLOCATOR_ENVIRONMENT` gives a child
-  process (the PyTorch reference) the same settings.
+  process (the PyTorch reference) the same settings. `set_up_machine` also
+  records and prints `machine_info`.
 - `machine_info`: CPU model and flags, whether the CPU has bfloat16
   instructions (`cpu_has_bfloat16`), cores, load, the JAX device, library
   versions.
@@ -270,9 +271,15 @@ def add_allocator_argument(parser) -> None:
       'memory is reused, as train/main.py does (see train/host_memory.py)')
 
 
-def set_up_allocator(args) -> bool:
-  """Before any computation: True if freed host memory is reused."""
-  return (not args.system_malloc) and host_memory.reuse_freed_host_memory()
+def set_up_machine(args) -> dict[str, Any]:
+  """Before any computation: the allocator as `--system-malloc` says, then
+  `machine_info` with whether freed host memory is reused, printed."""
+  reuse_freed_host_memory = ((not args.system_malloc)
+                             and host_memory.reuse_freed_host_memory())
+  machine = machine_info()
+  machine['reuse_freed_host_memory'] = reuse_freed_host_memory
+  print(f'machine: {describe_machine(machine)}', flush=True)
+  return machine
 
 
 def machine_info() -> dict[str, Any]:

@@ -372,10 +372,7 @@ def plot(path: str, rows: list[dict[str, Any]], settings: dict[str, Any]
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
-  reuse_freed_host_memory = common.set_up_allocator(args)
-  machine = common.machine_info()
-  machine['reuse_freed_host_memory'] = reuse_freed_host_memory
-  print(f'machine: {common.describe_machine(machine)}', flush=True)
+  machine = common.set_up_machine(args)
   settings = {
       'iterations': args.iterations, 'shape': list(args.shape),
       'stop_gradient': args.stop_gradient, 'batch_size': args.batch_size,

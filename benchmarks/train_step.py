@@ -470,10 +470,7 @@ def skipped_precisions(precisions: list[str], machine: dict[str, Any],
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
-  reuse_freed_host_memory = common.set_up_allocator(args)
-  machine = common.machine_info()
-  machine['reuse_freed_host_memory'] = reuse_freed_host_memory
-  print(f'machine: {common.describe_machine(machine)}', flush=True)
+  machine = common.set_up_machine(args)
   skipped = skipped_precisions(args.precision, machine, args.emulated_bfloat16)
   for precision, reason in skipped.items():
     print(f'{precision}: not timed: {reason}', flush=True)

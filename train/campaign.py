@@ -153,19 +153,15 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
 
 def machine() -> dict[str, Any]:
   """The CPU (model and the flags that matter for speed) and JAX."""
+  # Imported here: the queue's status and table need neither jax nor them.
   import jax  # pylint: disable=g-import-not-at-top
-  model, flags = platform.processor(), set()
-  try:
-    for line in Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('model name') and ':' in line:
-        model = line.split(':', 1)[1].strip()
-      elif line.startswith('flags') and ':' in line:
-        flags = set(line.split(':', 1)[1].split())
-  except OSError:
-    pass
+  from train import hardware  # pylint: disable=g-import-not-at-top
+  cpu = hardware.cpuinfo()
+  flags = cpu.get('flags', [])
+  # The records so far hold these flags, in this order.
   wanted = ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile')
   return {
-      'cpu': model,
+      'cpu': cpu.get('cpu_model', platform.processor()),
       'cpu_flags': [flag for flag in wanted if flag in flags],
       'cpu_count': os.cpu_count(),
       'jax': jax.__version__,

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The speed doc's figures: every benchmark, one after another, JSON and
-# console output into DIR (about 25 minutes on 2 CPU cores; run it on an
+# console output into DIR (about 45 minutes on 2 CPU cores; run it on an
 # otherwise idle machine). Then: python benchmarks/summarize.py DIR
 #
 #   bash benchmarks/run_all.sh DIR [TORCH_PYTHON]
@@ -45,4 +45,7 @@ run train_step_float32_patches python benchmarks/train_step.py \
   --out "$out/train_step_float32_patches.json"
 run routing_iterations python benchmarks/routing_iterations.py \
   --out "$out/routing_iterations.json" --plot "$out/routing_iterations.png"
+run routing_algorithms python benchmarks/routing_algorithms.py \
+  --out "$out/routing_algorithms.json" --plot "$out/routing_algorithms.png"
+run epoch python benchmarks/epoch.py --out "$out/epoch.json"
 python benchmarks/summarize.py "$out" | tee "$out/summary.md"

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import common
+from benchmarks import epoch
 from benchmarks import routing_algorithms
 from benchmarks import routing_iterations
 from benchmarks import train_step
@@ -411,3 +412,31 @@ def test_experiments_are_checked():
                                ).experiments == ['lenet5', 'affnist']
   with pytest.raises(SystemExit):
     train_step.parse_args(['--experiments', 'cifar'])
+
+
+def test_epoch_breakdown_splits_the_epoch_into_its_phases():
+  """benchmarks/epoch.py's arithmetic on a made-up timeline: the epoch runs
+  from the second batch to the test, and only the calls inside it count."""
+  timeline = epoch.Timeline()
+  timeline.batch_times = [0.0, 10.0, 11.0, 12.0]
+  timeline.calls = {'evaluate': [(20.0, 3.0), (31.0, 2.0)],  # validation, test
+                    'save': [(5.0, 9.0), (24.0, 1.0)],  # the first: before
+                    'wait': [(29.0, 0.5), (40.0, 0.1)]}
+  timeline.test_started = 30.0
+  result = epoch.epoch_breakdown(timeline, {'median_s': 4.0,
+                                            'images_per_s': 32.0},
+                                 steps=4, test_examples=100)
+  assert result['epoch_s'] == 20.0 and result['steps_s'] == 12.0
+  assert result['validation_s'] == 3.0 and result['checkpoint_s'] == 1.5
+  assert result['rest_s'] == pytest.approx(3.5)
+  assert result['outside_steps_fraction'] == pytest.approx(0.4)
+  assert result['eval_images_per_s'] == pytest.approx(50.0)
+
+
+def test_epoch_instrumentation_is_removed_afterwards():
+  before = (epoch.train_lib.evaluate, epoch.input_pipeline.train_batches,
+            epoch.checkpoints.Checkpoints.save)
+  with epoch.instrumented(epoch.Timeline()):
+    assert epoch.train_lib.evaluate is not before[0]
+  assert (epoch.train_lib.evaluate, epoch.input_pipeline.train_batches,
+          epoch.checkpoints.Checkpoints.save) == before

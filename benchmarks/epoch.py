@@ -1,0 +1,211 @@
+"""What a whole epoch of `python -m train.main` costs beyond its steps.
+
+Runs `train.train.train_and_evaluate` for one epoch of the default config
+(or `--max-steps`), with the same process's training step timed beforehand
+by `benchmarks/common.benchmark_train_step` (median of `--step-repeats`
+steps on random data). The epoch is timed from the second batch (the first
+step's compilation is reported apart, as a one-time cost) to the end of the
+last checkpoint save, and split into:
+
+- the training steps: (steps - 1) x the median step;
+- validation: the evaluation at the end of the epoch (its compilation
+  included: it happens once a run);
+- checkpoints: `Checkpoints.save` and the final `wait`;
+- the rest: the input pipeline, progress and metrics, everything else.
+
+`outside_steps_fraction` is 1 - steps / epoch. Evaluation throughput comes
+from the test-set evaluation that follows (compiled by then), beside the
+training throughput of the median step. The process's peak resident memory
+(`ru_maxrss`) and the training data's size are recorded too.
+
+Examples:
+
+    python benchmarks/epoch.py --out epoch.json          # one full epoch
+    python benchmarks/epoch.py --max-steps 3 --train-examples 64 \\
+        --eval-examples 32 --batch-size 4                 # smoke test
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+
+if __package__ in (None, ''):  # Run as a script: make `benchmarks` importable.
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # pylint: disable=g-import-not-at-top
+from train import checkpoints  # pylint: disable=g-import-not-at-top
+from train import input_pipeline  # pylint: disable=g-import-not-at-top
+from train import train as train_lib  # pylint: disable=g-import-not-at-top
+
+
+def parse_args(argv: Sequence[str] | None):
+  parser = common.make_parser(__doc__)
+  parser.add_argument('--batch-size', type=int, default=128)
+  parser.add_argument('--step-repeats', type=int, default=10,
+                      help='timed training steps for the median step')
+  parser.add_argument('--tiny', action='store_true',
+                      help='a tiny CapsNet (smoke tests): 8 conv features, '
+                      '2 primary capsule types, a 16-unit decoder')
+  common.add_training_budget_arguments(parser)
+  common.add_allocator_argument(parser)
+  parser.add_argument('--out', help='write the results as JSON here')
+  args = parser.parse_args(argv)
+  if args.batch_size < 1 or args.step_repeats < 1:
+    parser.error('--batch-size and --step-repeats must be >= 1')
+  common.check_training_budget(parser, args, True)
+  return args
+
+
+class Timeline:
+  """Wall-clock marks and summed durations of the loop's phases."""
+
+  def __init__(self):
+    self.calls: dict[str, list[tuple[float, float]]] = {}  # (start, seconds)
+    self.batch_times: list[float] = []
+    self.test_started: float | None = None
+
+  def timed(self, name: str, function):
+    def wrapper(*args, **kwargs):
+      start = time.perf_counter()
+      try:
+        return function(*args, **kwargs)
+      finally:
+        self.calls.setdefault(name, []).append(
+            (start, time.perf_counter() - start))
+    return wrapper
+
+  def seconds_between(self, name: str, start: float, end: float) -> float:
+    """Summed durations of the `name` calls that started in [start, end)."""
+    return sum(seconds for began, seconds in self.calls.get(name, [])
+               if start <= began < end)
+
+
+@contextlib.contextmanager
+def instrumented(timeline: Timeline):
+  """Wraps the loop's phases (restored afterwards)."""
+  originals = (train_lib.evaluate, checkpoints.Checkpoints.save,
+               checkpoints.Checkpoints.wait, input_pipeline.train_batches,
+               train_lib._test_best)  # pylint: disable=protected-access
+
+  def train_batches(*args, **kwargs):
+    for batch in originals[3](*args, **kwargs):
+      timeline.batch_times.append(time.perf_counter())
+      yield batch
+
+  def test_best(*args, **kwargs):
+    timeline.test_started = time.perf_counter()
+    return originals[4](*args, **kwargs)
+
+  train_lib.evaluate = timeline.timed('evaluate', originals[0])
+  checkpoints.Checkpoints.save = timeline.timed('save', originals[1])
+  checkpoints.Checkpoints.wait = timeline.timed('wait', originals[2])
+  input_pipeline.train_batches = train_batches
+  train_lib._test_best = test_best  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    (train_lib.evaluate, checkpoints.Checkpoints.save,
+     checkpoints.Checkpoints.wait, input_pipeline.train_batches,
+     train_lib._test_best) = originals  # pylint: disable=protected-access
+
+
+def make_config(args):
+  config = common.make_config(batch_size=args.batch_size)
+  if args.tiny:
+    config.model.conv_features = 8
+    config.model.primary_capsule_types = 2
+    config.model.decoder_hidden_sizes = (16,)
+  return config
+
+
+def median_step(config, args) -> dict[str, Any]:
+  state = common.state_for(common.create_state(config), config)
+  batch = common.random_batch(args.batch_size)
+  return common.benchmark_train_step(config, state, batch,
+                                     repeats=args.step_repeats, warmup=2)
+
+
+def epoch_breakdown(timeline: Timeline, step: dict[str, Any],
+                    steps: int, test_examples: int) -> dict[str, Any]:
+  if steps < 2 or timeline.test_started is None:
+    raise RuntimeError('the epoch needs at least 2 steps to be timed')
+  start, end = timeline.batch_times[1], timeline.test_started
+  epoch_s = end - start
+  validation_s = timeline.seconds_between('evaluate', start, end)
+  checkpoint_s = (timeline.seconds_between('save', start, end)
+                  + timeline.seconds_between('wait', start, end))
+  steps_s = (steps - 1) * step['median_s']
+  test_s = timeline.seconds_between('evaluate', end, float('inf')) or None
+  return {
+      'steps': steps,
+      'epoch_s': epoch_s,
+      'first_batch_to_second_s': timeline.batch_times[1]
+                                 - timeline.batch_times[0],
+      'steps_s': steps_s,
+      'validation_s': validation_s,
+      'checkpoint_s': checkpoint_s,
+      'rest_s': epoch_s - steps_s - validation_s - checkpoint_s,
+      'outside_steps_fraction': 1.0 - steps_s / epoch_s,
+      'train_images_per_s': step['images_per_s'],
+      'test_evaluation_s': test_s,
+      'eval_images_per_s': (test_examples / test_s if test_s else None),
+  }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  machine = common.set_up_machine(args)
+  config = make_config(args)
+  print('timing the training step...', flush=True)
+  step = median_step(config, args)
+  print(f"median step {step['median_s']:.3f} s", flush=True)
+  timeline = Timeline()
+  with tempfile.TemporaryDirectory(prefix='capsjax_epoch_') as temporary:
+    workdir = Path(args.workdir or temporary) / 'epoch'
+    with instrumented(timeline):
+      start = time.perf_counter()
+      result = common.train_for_accuracy(config, args, workdir)
+      total_s = time.perf_counter() - start
+  breakdown = epoch_breakdown(timeline, step, result['checkpoint_step'],
+                              result['test_examples'])
+  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  report = {
+      'benchmark': 'epoch',
+      'settings': {'batch_size': args.batch_size, 'tiny': args.tiny,
+                   'step_repeats': args.step_repeats,
+                   'eval_batch_size': config.eval_batch_size,
+                   **common.training_budget(args)},
+      'train_step': step,
+      'epoch': breakdown,
+      'train_and_evaluate_s': total_s,
+      'accuracy': result,
+      'peak_resident_bytes': peak_rss,
+      'machine': {**machine, 'loadavg_end': list(os.getloadavg())},
+  }
+  print(common.format_table(
+      ['epoch s', 'steps s', 'validation s', 'checkpoints s', 'rest s',
+       'outside steps', 'train img/s', 'eval img/s', 'peak RSS MB'],
+      [[f"{breakdown['epoch_s']:.1f}", f"{breakdown['steps_s']:.1f}",
+        f"{breakdown['validation_s']:.1f}",
+        f"{breakdown['checkpoint_s']:.1f}", f"{breakdown['rest_s']:.1f}",
+        f"{100 * breakdown['outside_steps_fraction']:.1f}%",
+        f"{breakdown['train_images_per_s']:.1f}",
+        f"{breakdown['eval_images_per_s']:.1f}",
+        f'{peak_rss / common.MB:.0f}']]))
+  if args.out:
+    common.write_json(args.out, report)
+  jax.clear_caches()
+  return report
+
+
+if __name__ == '__main__':
+  main()

@@ -1,13 +1,15 @@
 """capsjax: Capsule Networks in JAX: dynamic routing (Sabour et al. 2017), EM,
-self-attention and no routing behind one interface (`capsjax.routing`).
+self-attention and no routing behind one interface (`capsjax.routing`),
+and matrix capsules with EM routing (`capsjax.matrix_capsules`).
 
 Pure functions hold the maths (`squash`, `capsjax.routing`, `capsjax.losses`,
 `capsjax.convolution`); thin Flax linen modules wrap them (`CapsNet` and its
-layers).
+layers, `MatrixCapsNet`).
 """
 
 from capsjax import convolution
 from capsjax import losses
+from capsjax import matrix_capsules
 from capsjax import metrics
 from capsjax import routing
 from capsjax.layers import CapsuleLayer
@@ -15,6 +17,7 @@ from capsjax.layers import Conv2D
 from capsjax.layers import MaskedDecoder
 from capsjax.layers import PrimaryCapsules
 from capsjax.layers import mask_capsules
+from capsjax.matrix_capsules import MatrixCapsNet
 from capsjax.models import CapsNet
 from capsjax.models import CapsNetOutput
 from capsjax.models import EfficientCapsNet
@@ -33,12 +36,14 @@ __all__ = [
     'EfficientCapsNet',
     'Conv2D',
     'MaskedDecoder',
+    'MatrixCapsNet',
     'PrimaryCapsules',
     'capsule_lengths',
     'convolution',
     'dynamic_routing',
     'losses',
     'mask_capsules',
+    'matrix_capsules',
     'metrics',
     'prediction_vectors',
     'routing',

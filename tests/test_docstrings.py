@@ -7,6 +7,7 @@ import pytest
 from capsjax import convolution
 from capsjax import layers
 from capsjax import losses
+from capsjax import matrix_capsules
 from capsjax import metrics
 from capsjax import models
 from capsjax import nonlinearity
@@ -14,7 +15,8 @@ from capsjax import routing
 
 
 @pytest.mark.parametrize('module', [nonlinearity, routing, losses, convolution,
-                                    layers, models, metrics],
+                                    layers, models, metrics,
+                                    matrix_capsules],
                          ids=lambda module: module.__name__)
 def test_docstring_examples_run(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

@@ -129,6 +129,13 @@ ROWS: tuple[Row, ...] = (
         paper='5.2% test error', paper_length='not stated (days on a GPU)',
         config='train/configs/multimnist.py',
         overrides=(('num_epochs', 10),)),
+    Row(name='mnist_efficient_capsnet',
+        what='Efficient-CapsNet (self-attention routing, 161,824 '
+        'parameters), the official recipe without its extra augmentation',
+        paper='0.26% test error (Mazzia et al. 2021, single model)',
+        paper_length='150 epochs at batch 16 (official config)',
+        config='train/configs/efficient_capsnet.py',
+        overrides=(('num_epochs', 30),)),
 )
 ROWS_BY_NAME = {row.name: row for row in ROWS}
 

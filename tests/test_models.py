@@ -12,6 +12,10 @@ import pytest
 import capsjax
 from capsjax import losses
 
+# 'rbg' keys (see conftest.fast_init_prng): the tests check properties, not
+# values that depend on the random draws.
+pytestmark = pytest.mark.usefixtures('fast_init_prng')
+
 
 def _parameter_count(model, image_shape):
   shapes = jax.eval_shape(
@@ -173,7 +177,8 @@ def _batch_stats_count(model):
 
 def test_efficient_capsnet_training_step_updates_batch_stats():
   model = capsjax.EfficientCapsNet(decoder_hidden_sizes=(16,))
-  images = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
+  images = jnp.asarray(np.random.default_rng(0).random((2, 28, 28, 1),
+                                                       np.float32))
   variables = model.init(jax.random.key(1), images)
 
   @jax.jit

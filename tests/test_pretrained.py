@@ -23,7 +23,22 @@ def test_export_then_load_gives_the_best_checkpoint(workdirs, tmp_path_factory,
                                                      tmp_path, small_splits):
   workdir, results = run('capsnet', default.get_config, workdirs,
                          tmp_path_factory)
-  path = pretrained.export(workdir, 'tiny', tmp_path)
+  record = {'machine': {'cpu_count': 2, 'cpu': 'Some CPU'}, 'epochs': 0.5,
+            'steps': 1, 'train_hours': 0.01, 'commit': 'abc1234',
+            'command': 'python -m train.main --workdir=DIR', 'best_epoch': 0.5,
+            'paper': '0.25% test error', 'paper_length': '50 epochs'}
+  robustness = {'results': {'tiny': {'angles': [0.0, 35.0, 45.0],
+                                     'accuracy': [0.9, 0.5, 0.25],
+                                     'affine_accuracy': 0.75}}}
+  path = pretrained.export(workdir, 'tiny', tmp_path, record=record,
+                           robustness=robustness)
+
+  # The model card's figures are the test results' and the records'.
+  card = path.with_suffix('.md').read_text()
+  assert f"test error {100 * results['test_error']:.2f}%" in card
+  assert '0.5 epochs (1 steps), 0.0 h on a 2-core Some CPU' in card
+  assert 'tiny, rotated test set: 0 deg 90.00%, 35 deg 50.00%' in card
+  assert 'affine test set 75.00%' in card
 
   # Plain arrays: numpy reads them without unpickling anything.
   with np.load(path, allow_pickle=False) as arrays:

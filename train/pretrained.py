@@ -12,9 +12,14 @@ loading runs no code from the file. `<name>.json` beside it holds the
 config that builds the model, the file's SHA-256 (checked on every load),
 and where the parameters came from; `<name>.md` is the model card.
 
-    python -m train.pretrained --workdir=DIR --name=mnist
+    python -m train.pretrained --workdir=DIR --name=mnist \
+        [--record=results/mnist_r3_recon.json] \
+        [--robustness=results/robustness_mnist.json]
 
-exports the best checkpoint on validation of a finished training workdir.
+exports the best checkpoint on validation of a finished training workdir,
+and writes its model card from the workdir's test results and, when given,
+the run's reproduction record (training length, time, machine, validation
+curve) and robustness record: every figure in the card comes from them.
 """
 
 from __future__ import annotations
@@ -82,9 +87,77 @@ def load(name: str = 'mnist', directory: Path = DIRECTORY):
   return models.create_model(config), params
 
 
+def _percent(value: float) -> str:
+  return f'{100 * value:.2f}%'
+
+
+def model_card(meta: dict[str, Any], record: dict[str, Any] | None = None,
+               robustness: dict[str, Any] | None = None) -> str:
+  """The Markdown model card of exported parameters (`meta`: their JSON),
+  from their test results and the optional reproduction and robustness
+  records."""
+  config = meta['config']
+  test = meta['test_results'] or {}
+  model = config.get('model', {})
+  lines = [
+      f"# {meta['name']}: capsjax model card", '',
+      f"`train.pretrained.load({meta['name']!r})` returns the model and its "
+      f"{meta['parameters']:,} parameters (best checkpoint on validation, "
+      f"step {meta['checkpoint_step']}); call it as `model.apply({{'params': "
+      "params}, images)` on `(N, H, W, 1)` float32 images in [0, 1].", '',
+      '## Model and data', '',
+      f"- model: `{model.get('name', 'capsnet')}`, routing "
+      f"`{model.get('routing', 'dynamic')}`, "
+      f"{model.get('routing_iterations', 3)} routing iterations, "
+      f"reconstruction weight {config.get('reconstruction_weight')}",
+      f"- data: {config.get('dataset')}, the last "
+      f"{config.get('validation_size')} training images held out for "
+      f"validation, random shifts of up to {config.get('max_shift')} pixels",
+      f"- optimisation: Adam, learning rate {config.get('learning_rate')} "
+      f"decayed x{config.get('learning_rate_decay_rate')} every "
+      f"{config.get('learning_rate_decay_steps')} steps, batch "
+      f"{config.get('batch_size')}, {config.get('precision')}, seed "
+      f"{config.get('seed')}",
+  ]
+  if record:
+    machine = record['machine']
+    lines += [
+        f"- trained: {record['epochs']:g} epochs ({record['steps']} steps), "
+        f"{record['train_hours']:.1f} h on a {machine['cpu_count']}-core "
+        f"{machine['cpu']}, commit {record['commit']}; "
+        f"`{record['command']}`",
+        f"- best validation accuracy at epoch {record['best_epoch']:g}; the "
+        f"paper: {record['paper']} ({record['paper_length']})"]
+  lines += ['', '## Results', '']
+  if test:
+    lines += [f"- test error {_percent(test['test_error'])} on "
+              f"{test['test_examples']:,} test images (validation accuracy "
+              f"{_percent(test['validation_accuracy'])})"]
+  if robustness:
+    for model_name, result in robustness['results'].items():
+      by_angle = dict(zip(result['angles'], result['accuracy']))
+      shown = [angle for angle in (0, 15, 30, 35, 45, 60, 90)
+               if angle in by_angle]
+      lines.append(f'- {model_name}, rotated test set: ' + ', '.join(
+          f'{angle:g} deg {_percent(by_angle[angle])}' for angle in shown)
+                   + f"; affine test set {_percent(result['affine_accuracy'])}")
+  lines += ['', '## Known limits', '',
+            '- Trained on MNIST digits centred in 28x28 images: other '
+            'sizes, inverted or colour images are out of its distribution; '
+            'rotations beyond about 30 degrees cost accuracy (above).',
+            '- The class is the longest capsule; the lengths are not '
+            'calibrated probabilities.',
+            '- One model, one seed: the spread between seeds is in the '
+            'ablation rows of docs/results.md.', '']
+  return '\n'.join(lines)
+
+
 def export(workdir: str | Path, name: str, directory: Path = DIRECTORY,
-           extra: dict[str, Any] | None = None) -> Path:
-  """Writes the best-on-validation parameters of `workdir` as `name`."""
+           extra: dict[str, Any] | None = None,
+           record: dict[str, Any] | None = None,
+           robustness: dict[str, Any] | None = None) -> Path:
+  """Writes the best-on-validation parameters of `workdir` as `name`, with
+  their JSON and model card."""
   restored = trained.restore_best(workdir)
   collections = models.state_collections(restored.config)
   if collections:
@@ -111,6 +184,7 @@ def export(workdir: str | Path, name: str, directory: Path = DIRECTORY,
   }
   (directory / f'{name}.json').write_text(
       json.dumps(meta, indent=1, allow_nan=False) + '\n')
+  (directory / f'{name}.md').write_text(model_card(meta, record, robustness))
   return weights_path
 
 
@@ -120,9 +194,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='a finished python -m train.main workdir')
   parser.add_argument('--name', required=True, help="e.g. 'mnist'")
   parser.add_argument('--out', type=Path, default=DIRECTORY)
+  parser.add_argument('--record', type=Path,
+                      help="the run's reproduction record (results/ROW.json)")
+  parser.add_argument('--robustness', type=Path,
+                      help='a robustness record (results/ROW.json)')
   args = parser.parse_args(argv)
-  path = export(args.workdir, args.name, args.out)
-  print(f'wrote {path} and {path.with_suffix(".json")}')
+  records = {}
+  for field in ('record', 'robustness'):
+    path = getattr(args, field)
+    if path is not None:
+      try:
+        records[field] = json.loads(path.read_text())
+      except (OSError, ValueError) as error:
+        parser.error(f'--{field}={path}: {error}')
+  if 'robustness' in records and 'results' not in records['robustness']:
+    parser.error(f'--robustness={args.robustness}: not a robustness record')
+  path = export(args.workdir, args.name, args.out, **records)
+  print(f'wrote {path}, {path.with_suffix(".json")} and '
+        f'{path.with_suffix(".md")}')
   return 0
 
 

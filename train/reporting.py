@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import tqdm
 
 from train import checkpoints
 
@@ -64,7 +65,12 @@ class MetricsLog:
 
 
 class Progress:
-  """A one-line progress bar with steps/s and ETA (process 0 only)."""
+  """tqdm's progress line (steps, rate, ETA and the latest metrics), printed
+  by process 0: in place on a terminal, else as a new line every 30 s (so
+  a log file holds one readable line per update)."""
+
+  BAR_FORMAT = ('{percentage:3.0f}%|{bar:30}| step {n_fmt}/{total_fmt} '
+                '[{elapsed}<{remaining}, {rate_fmt}{postfix}]')
 
   def __init__(self, first_step: int, total_steps: int):
     self._first_step = first_step
@@ -87,16 +93,11 @@ class Progress:
       jax.block_until_ready(step_outputs)
     now = time.monotonic()
     self._last_print = now
-    done = step - self._first_step
-    rate = done / max(now - self._start, 1e-9)
-    remaining = (self._total - step) / rate if rate > 0 else float('inf')
-    width = 30
-    filled = int(width * step / max(self._total, 1))
-    bar = '#' * filled + '.' * (width - filled)
-    text = (f'[{bar}] step {step}/{self._total} {rate:.2f} steps/s '
-            f'ETA {format_seconds(remaining)}')
-    if metrics:
-      text += ' ' + ' '.join(f'{k}={v:.4f}' for k, v in metrics.items())
+    text = tqdm.tqdm.format_meter(
+        step, self._total, now - self._start, ascii=True, unit='step',
+        initial=self._first_step, bar_format=self.BAR_FORMAT,
+        postfix=' '.join(f'{k}={v:.4f}' for k, v in (metrics or {}).items())
+        or None)
     print('\r' + text if self._interactive else text,
           end='' if self._interactive else '\n', flush=True)
 

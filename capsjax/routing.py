@@ -510,15 +510,24 @@ def _m_step(assignment, activations, votes, beta_u, beta_a,
   variance = jnp.einsum(  # (sigma_j^h)^2
       'ij,ijh->jh', assignment, jnp.square(votes - mean)) / denominator
   variance = variance + epsilon
+  log_sigma = 0.5 * jnp.log(variance)
+  if normalize_cost:
+    # log sigma relative to its mean over the parents: log sigma follows the
+    # votes' absolute scale (small votes, as a fresh network makes, give a
+    # very negative cost that saturates every a_j at 1, where the logistic
+    # passes almost no gradient); the difference keeps only how well each
+    # parent's votes agree against the others', whatever the scale.
+    log_sigma = log_sigma - jnp.mean(log_sigma, axis=0)
   # cost^h = (beta_u + log sigma_j^h) sum_i R_ij
-  cost = (beta_u + 0.5 * jnp.log(variance)) * assigned[:, None]
+  cost = (beta_u + log_sigma) * assigned[:, None]
   if normalize_cost:
     # A mean over the pose dimensions, and sum_i R_ij relative to an even
     # split of the inputs: the logistic's input then does not grow with the
     # pose size or the number of inputs, which saturates it otherwise.
     cost = cost * (out_capsules / in_capsules) / pose_size
+  cost = jnp.sum(cost, axis=-1)  # sum_h cost^h, (out,)
   # a_j = logistic(lambda (beta_a - sum_h cost^h)); kept as the logit.
-  logits = inverse_temperature * (beta_a - jnp.sum(cost, axis=-1))
+  logits = inverse_temperature * (beta_a - cost)
   return mean, variance, logits
 
 
@@ -588,10 +597,11 @@ def em_routing(
     num_iterations: t >= 1 (the paper uses 3).
     inverse_temperatures: lambda for each iteration, `(num_iterations,)`;
       None: `inverse_temperature_schedule(num_iterations)`.
-    normalize_cost: True: the cost is averaged over the pose components and
+    normalize_cost: True: the cost is averaged over the pose components,
       sum_i R_ij taken relative to an even split of the inputs (out / in),
-      so the logistic does not saturate as the layer grows; False: the
-      paper's cost as written.
+      and log sigma_j^h taken relative to its mean over the output capsules,
+      so the logistic saturates neither as the layer grows nor with the
+      votes' scale; False: the paper's cost as written.
     epsilon: added to sigma^2 and to sum_i R_ij (see `EM_EPSILON`).
     return_coupling: also return the assignment R of the last M-step.
 

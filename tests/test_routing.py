@@ -336,7 +336,6 @@ def _em_loops(votes, activations, beta_u, beta_a, inverse_temperatures,
   for t, inverse_temperature in enumerate(inverse_temperatures):
     means = np.zeros((out_capsules, pose_size))
     variances = np.zeros((out_capsules, pose_size))
-    out_activations = np.zeros(out_capsules)
     for j in range(out_capsules):  # M-step
       r = [assignment[i, j] * activations[i] for i in range(in_capsules)]
       total = sum(r)
@@ -346,13 +345,18 @@ def _em_loops(votes, activations, beta_u, beta_a, inverse_temperatures,
         variances[j, h] = sum(r[i] * (votes[i, j, h] - means[j, h])**2
                               for i in range(in_capsules)) / (total + epsilon)
         variances[j, h] += epsilon
-      share = total
+    log_sigmas = np.log(np.sqrt(variances))
+    if normalize_cost:
+      log_sigmas -= np.mean(log_sigmas, axis=0)
+    costs = np.zeros(out_capsules)
+    for j in range(out_capsules):
+      share = sum(assignment[i, j] * activations[i]
+                  for i in range(in_capsules))
       if normalize_cost:
-        share = total * out_capsules / in_capsules / pose_size
-      cost = sum((beta_u[j] + np.log(np.sqrt(variances[j, h]))) * share
-                 for h in range(pose_size))
-      out_activations[j] = 1 / (1 + np.exp(
-          -inverse_temperature * (beta_a[j] - cost)))
+        share = share * out_capsules / in_capsules / pose_size
+      costs[j] = sum((beta_u[j] + log_sigmas[j, h]) * share
+                     for h in range(pose_size))
+    out_activations = 1 / (1 + np.exp(-inverse_temperature * (beta_a - costs)))
     if t == len(inverse_temperatures) - 1:
       return means, out_activations, assignment
     for i in range(in_capsules):  # E-step
@@ -422,6 +426,26 @@ def test_em_normalised_cost_does_not_saturate_with_many_inputs():
   paper = routing.em_routing(many, many_activations, normalize_cost=False,
                              **kwargs)
   assert bool(jnp.all(paper.activations > 0.999))
+
+
+def test_em_normalised_cost_does_not_saturate_with_small_votes():
+  """A fresh network's votes are small, their variances tiny and log sigma
+  very negative: with log sigma relative to the parents' mean, routing does
+  not depend on the votes' scale (while the variance stays well above
+  epsilon), and the activations stay off 1."""
+  votes = 3.0 * _votes(batch=1)
+  activations = jnp.ones((1, IN_CAPSULES))
+  kwargs = dict(beta_u=jnp.zeros(OUT_CAPSULES), beta_a=jnp.zeros(OUT_CAPSULES))
+  large = routing.em_routing(votes, activations, **kwargs)
+  small = routing.em_routing(1e-2 * votes, activations, **kwargs)
+  chex.assert_trees_all_close(small.activations, large.activations,
+                              atol=1e-4)
+  chex.assert_trees_all_close(small.poses, 1e-2 * large.poses, atol=1e-6)
+  assert bool(jnp.all((small.activations > 0.01)
+                      & (small.activations < 0.99)))
+  paper = routing.em_routing(1e-2 * votes, activations, normalize_cost=False,
+                             **kwargs)
+  assert bool(jnp.all(paper.activations > 0.99))
 
 
 def test_inverse_temperature_schedule_rises_to_final():

@@ -29,10 +29,13 @@ Examples:
     python benchmarks/routing_algorithms.py --no-cost --accuracy \\
         --max-steps 300 --train-examples 19200 --eval-examples 2000 \\
         --out accuracy.json --plot accuracy.png
+    python benchmarks/routing_algorithms.py --merge a.json accuracy.json \\
+        --out both.json --plot both.png     # one table and plot of both runs
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -78,7 +81,12 @@ def parse_args(argv: Sequence[str] | None):
   common.add_training_budget_arguments(parser)
   parser.add_argument('--out', help='write the results as JSON here')
   parser.add_argument('--plot', help='write a PNG plot here')
+  parser.add_argument('--merge', nargs='+', metavar='JSON',
+                      help='measure nothing: combine the cost and accuracy '
+                      'of earlier reports into one table, --out and --plot')
   args = parser.parse_args(argv)
+  if args.merge:
+    return args
   try:
     args.algorithms = [name.strip() for name in args.algorithms.split(',')
                        if name.strip()]
@@ -300,8 +308,43 @@ def plot(path: str, cost: list[dict[str, Any]],
   print(f'wrote {path}')
 
 
+def merge(paths: Sequence[str]) -> dict[str, Any]:
+  """One report of several: each one's cost and accuracy rows, its settings
+  and machine kept per part."""
+  reports = []
+  for path in paths:
+    try:
+      report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+      raise SystemExit(f'--merge {path}: {error}') from error
+    if report.get('benchmark') != 'routing_algorithms':
+      raise SystemExit(f'--merge {path}: not a routing_algorithms report')
+    reports.append(report)
+  parts = {'cost': [r for r in reports if r['cost']],
+           'accuracy': [r for r in reports if r['accuracy']]}
+  return {
+      'benchmark': 'routing_algorithms',
+      'merged_from': [str(path) for path in paths],
+      'settings': {part: [r['settings'] for r in chosen]
+                   for part, chosen in parts.items()},
+      'cost': [row for r in parts['cost'] for row in r['cost']],
+      'accuracy': [row for r in parts['accuracy'] for row in r['accuracy']],
+      'machine': {part: [r['machine'] for r in chosen]
+                  for part, chosen in parts.items()},
+  }
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.merge:
+    report = merge(args.merge)
+    print_tables(report['cost'], report['accuracy'])
+    if args.out:
+      common.write_json(args.out, report)
+    if args.plot:
+      settings = (report['settings']['cost'] or [{'shape': MNIST_SHAPE}])[0]
+      plot(args.plot, report['cost'], report['accuracy'], settings)
+    return report
   machine = common.machine_info()
   print(f'machine: {common.describe_machine(machine)}', flush=True)
   settings = {

@@ -209,6 +209,23 @@ def test_routing_algorithms_accuracy(tmp_path, monkeypatch):
   assert [row['iterations'] for row in report['accuracy']] == [3, None] * 2
   check_png(png)
 
+  # --merge: this run's accuracy and a cost report, one table and plot.
+  cost = tmp_path / 'cost.json'
+  cost.write_text(json.dumps({
+      'benchmark': 'routing_algorithms', 'settings': {'shape': [2, 8, 3, 16]},
+      'cost': [{'algorithm': 'none', 'iterations': None,
+                'forward': {'median_s': 1e-3, 'iqr_s': 0.0,
+                            'memory': {'peak_bytes': 1e6}},
+                'forward_backward': {'median_s': 2e-3, 'iqr_s': 0.0,
+                                     'compile_s': 1.0,
+                                     'memory': {'peak_bytes': 2e6}}}],
+      'accuracy': [], 'machine': {}}))
+  merged = routing_algorithms.main(['--merge', str(cost), str(out), '--out',
+                                    str(tmp_path / 'merged.json'), '--plot',
+                                    str(tmp_path / 'merged.png')])
+  assert len(merged['cost']) == 1 and merged['accuracy'] == report['accuracy']
+  check_png(tmp_path / 'merged.png')
+
 
 def test_routing_algorithms_flags_are_checked():
   for argv in (['--algorithms', 'k_means'], ['--shape', '2,8,3,8'],

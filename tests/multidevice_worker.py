@@ -18,6 +18,7 @@ process index and count, the device count and the test results.
 """
 
 import argparse
+import faulthandler
 import json
 import sys
 import time
@@ -61,6 +62,10 @@ def main() -> None:
   parser.add_argument('--delay_data_on_process_0', type=float, default=0,
                       help='seconds process 0 waits before loading the data')
   args = parser.parse_args()
+  if 'process_id' in json.loads(args.overrides):
+    # One of several processes that waits for the others far longer than a
+    # run takes shows where (in its stderr, reported on failure).
+    faulthandler.dump_traceback_later(150, repeat=True)
 
   if args.delay_data_on_process_0:
     load_splits = tfds_splits.load_splits

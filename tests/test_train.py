@@ -460,6 +460,10 @@ def test_two_processes_hold_the_same_parameters(runs):
     time.sleep(0.2)
   for host in hosts:
     host.kill()
+  if any(host.process.returncode != 0 for host in hosts):
+    pytest.fail('\n'.join(
+        f'{host.name} exited with {host.process.returncode}; stderr:\n'
+        + host.stderr[-3000:] for host in hosts))
   results = [host.result() for host in hosts]
   workdir = hosts[0].workdir
 

@@ -25,8 +25,8 @@ from flax.training import train_state
 
 from train import batching
 from train import checkpoints as checkpoints_lib
-from train import hardware
 from train import config_checks
+from train import hardware
 from train import input_pipeline
 from train import models
 from train import objectives

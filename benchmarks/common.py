@@ -350,6 +350,16 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
   print(f'wrote {path}')
 
 
+def save_figure(figure, path: str | os.PathLike) -> None:
+  """Lays out, writes (as PNG at 110 dpi) and closes a matplotlib figure."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  figure.tight_layout()
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+  print(f'wrote {path}')
+
+
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
   """A plain-text table, columns right-aligned."""
   text_rows = [[str(cell) for cell in row] for row in rows]

@@ -301,11 +301,7 @@ def plot(path: str, cost: list[dict[str, Any]],
     if axis.get_legend_handles_labels()[0]:
       axis.legend(fontsize=7)
   figure.suptitle('capsjax.routing algorithms', fontsize=9)
-  figure.tight_layout()
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
-  print(f'wrote {path}')
+  common.save_figure(figure, path)
 
 
 def merge(paths: Sequence[str]) -> dict[str, Any]:

@@ -360,11 +360,7 @@ def plot(path: str, rows: list[dict[str, Any]], settings: dict[str, Any]
     axis.grid(alpha=0.3)
     if axis.get_legend_handles_labels()[0]:
       axis.legend(fontsize=7)
-  figure.tight_layout()
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
-  print(f'wrote {path}')
+  common.save_figure(figure, path)
 
 
 # ---------------------------------------------------------------------------

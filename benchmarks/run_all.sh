@@ -43,6 +43,9 @@ run train_step_experiments python benchmarks/train_step.py \
 run train_step_float32_patches python benchmarks/train_step.py \
   --precision float32 --steps 10 --warmup 2 --conv-method patches \
   --out "$out/train_step_float32_patches.json"
+run profile python benchmarks/train_step.py \
+  --precision float32,bfloat16 --steps 2 --warmup 1 --profile "$out/profile" \
+  --out "$out/profile.json"
 run routing_iterations python benchmarks/routing_iterations.py \
   --out "$out/routing_iterations.json" --plot "$out/routing_iterations.png"
 run routing_algorithms python benchmarks/routing_algorithms.py \

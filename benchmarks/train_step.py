@@ -47,7 +47,10 @@ the MNIST step's), per batch of the same size; `slowdown` = measured /
 predicted (above 1: slower per FLOP than the MNIST step).
 
 `--profile DIR` writes a jax.profiler trace of a few steps per precision
-(open with TensorBoard's profile plugin or Perfetto).
+(open with TensorBoard's profile plugin or Perfetto) and prints the time per
+XLA operation from it (benchmarks/op_profile.py): by kind (matrix products,
+copies and transposes, the rest), by model part and pass, and the largest
+operations; the JSON holds the whole table under 'profile'.
 
 Examples:
 
@@ -77,6 +80,7 @@ if __package__ in (None, ''):  # Run as a script: make `benchmarks` importable.
 
 import capsjax  # pylint: disable=g-import-not-at-top
 from benchmarks import common  # pylint: disable=g-import-not-at-top
+from benchmarks import op_profile  # pylint: disable=g-import-not-at-top
 from capsjax import routing  # pylint: disable=g-import-not-at-top
 from train import batching  # pylint: disable=g-import-not-at-top
 from train import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -240,23 +244,47 @@ def time_experiment(name: str, args, mnist: dict[str, Any]
   return result
 
 
-def profile(directory: str, configs, base_state, batch, steps: int) -> None:
-  """A jax.profiler trace of `steps` steps per precision (after warm-up)."""
+def profile(directory: str, configs, base_state, batch, steps: int
+            ) -> dict[str, Any]:
+  """A jax.profiler trace of `steps` steps per precision (after warm-up),
+  and each precision's time per XLA operation from it (`op_profile`),
+  printed and returned."""
   compiled = {}
   for precision, config in configs.items():
     step = jax.jit(functools.partial(train_lib.train_step, config=config),
                    donate_argnums=0)
     state = common.state_for(base_state, config)
-    state, metrics = step(state, batch)  # compile and warm up
+    executable = step.lower(state, batch).compile()
+    state, metrics = executable(state, batch)  # warm up
     jax.block_until_ready(metrics)
-    compiled[precision] = (step, state)
-  with jax.profiler.trace(directory):
-    for precision, (step, state) in compiled.items():
+    compiled[precision] = (executable, state)
+  tables = {}
+  for precision, (executable, state) in compiled.items():
+    trace_directory = Path(directory) / precision
+    with jax.profiler.trace(str(trace_directory), create_perfetto_trace=True):
       for index in range(steps):
         with jax.profiler.TraceAnnotation(f'{precision} step {index}'):
-          state, metrics = step(state, batch)
+          state, metrics = executable(state, batch)
           jax.block_until_ready(metrics)
+    rows = op_profile.op_table(op_profile.trace_events(trace_directory),
+                               executable.as_text(), steps)
+    tables[precision] = rows
+    print(f'\n{precision} step, time per XLA operation from the trace '
+          f'({steps} steps; the profiler adds its own overhead):')
+    print(common.format_table(
+        ['kind', 'ms per step'],
+        [(kind, f'{ms:.1f}') for (kind,), ms in
+         op_profile.totals_by(rows, 'kind')]))
+    print(common.format_table(
+        ['model part', 'pass', 'ms per step'],
+        [(part, direction, f'{ms:.1f}') for (part, direction), ms in
+         op_profile.totals_by(rows, 'part', 'direction')]))
+    print(common.format_table(
+        ['operation', 'kind', 'ms per step', 'shape', 'op_name'],
+        [(row['operation'], row['kind'], f"{row['ms_per_step']:.1f}",
+          row['shape'], row['op_name'][-70:]) for row in rows[:15]]))
   print(f'wrote a profiler trace to {directory}')
+  return tables
 
 
 # ---------------------------------------------------------------------------
@@ -507,8 +535,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       print(f'{precision}: breakdown...', flush=True)
       breakdowns[precision] = breakdown(config, base_state, batch, args.steps,
                                         args.warmup)
+  profile_tables = None
   if args.profile:
-    profile(args.profile, configs, base_state, batch, args.profile_steps)
+    profile_tables = profile(args.profile, configs, base_state, batch,
+                             args.profile_steps)
   torch_report = ratios = None
   if args.torch and args.precision:
     torch_report = run_torch(args, args.precision)
@@ -581,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'skipped': skipped,
       'experiments': experiment_results or None,
       'breakdown': breakdowns,
+      'profile': profile_tables,
       'machine': machine,
   }
   if args.out:

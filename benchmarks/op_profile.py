@@ -1,0 +1,98 @@
+"""Where a compiled step's time goes, operation by operation.
+
+`jax.profiler.trace(..., create_perfetto_trace=True)` records one event per
+XLA operation executed (on the CPU: per thunk, e.g. `ynn_fusion.17`,
+`copy_bitcast_fusion.1`). `op_table` adds up those events per operation and
+names each one back to the compiled HLO (`compiled.as_text()`): its output
+shape and the `op_name` metadata, which holds the model scope it came from
+(e.g. `.../primary_capsules/Conv2D_0/fmk,fkn->fmn/dot_general`) and whether
+it belongs to the backward pass (`transpose(jvp(...))`).
+
+Operations are put in three kinds by their HLO names: matrix products
+(`dot`, and the YNNPACK fusions XLA:CPU builds around them), copies and
+transposes (layout changes, no arithmetic), and the rest (elementwise
+fusions, reductions, slices). `benchmarks/train_step.py --profile DIR`
+prints these tables for the training step.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+_INSTRUCTION = re.compile(
+    r'^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = (?P<shape>\S+) .*?'
+    r'op_name="(?P<op_name>[^"]*)"', re.MULTILINE)
+# The model scope after the traced function's own prefix.
+_SCOPE = re.compile(r'jvp\((?P<model>\w+)\)\)?/(?P<part>\w+)')
+
+
+def hlo_operations(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """{operation name: (output shape, op_name metadata)} of an HLO module's
+  instructions that carry metadata."""
+  return {match['name']: (match['shape'], match['op_name'])
+          for match in _INSTRUCTION.finditer(hlo_text)}
+
+
+def kind(operation: str) -> str:
+  """'matmul', 'copy' or 'other', from an XLA operation's name."""
+  base = operation.split('.')[0]
+  if base.startswith(('dot', 'ynn_fusion', 'onednn', 'custom-call')):
+    return 'matmul'
+  if 'copy' in base or 'transpose' in base:
+    return 'copy'
+  return 'other'
+
+
+def scope(op_name: str) -> tuple[str, str]:
+  """(model part, 'forward' or 'backward') from an HLO op_name."""
+  direction = 'backward' if 'transpose(jvp(' in op_name else 'forward'
+  match = _SCOPE.search(op_name)
+  part = match['part'] if match else 'outside the model'
+  return part, direction
+
+
+def trace_events(directory: str | Path) -> list[dict[str, Any]]:
+  """The complete ('X') events of the perfetto trace under `directory`."""
+  paths = sorted(Path(directory).glob('**/*.trace.json.gz'))
+  if not paths:
+    raise FileNotFoundError(
+        f'no *.trace.json.gz under {directory}: trace with '
+        'jax.profiler.trace(directory, create_perfetto_trace=True)')
+  with gzip.open(paths[-1], 'rt') as trace:
+    events = json.load(trace)['traceEvents']
+  return [event for event in events if event.get('ph') == 'X']
+
+
+def op_table(events: Iterable[dict[str, Any]], hlo_text: str, steps: int
+             ) -> list[dict[str, Any]]:
+  """Per XLA operation of `hlo_text`: milliseconds per step (the events'
+  durations, in microseconds, summed and divided by `steps`), its kind,
+  shape, model part and direction; largest first. Events that are not
+  operations of the module (Python, runtime waits) are left out."""
+  operations = hlo_operations(hlo_text)
+  totals: dict[str, float] = collections.Counter()
+  for event in events:
+    if event['name'] in operations:
+      totals[event['name']] += event['dur']
+  rows = []
+  for name, microseconds in totals.items():
+    shape, op_name = operations[name]
+    part, direction = scope(op_name)
+    rows.append({'operation': name, 'ms_per_step': microseconds / 1e3 / steps,
+                 'kind': kind(name), 'shape': shape, 'part': part,
+                 'direction': direction, 'op_name': op_name})
+  return sorted(rows, key=lambda row: -row['ms_per_step'])
+
+
+def totals_by(rows: Iterable[dict[str, Any]], *keys: str
+              ) -> list[tuple[tuple[str, ...], float]]:
+  """[(values of `keys`, ms per step)], largest first."""
+  totals: dict[tuple[str, ...], float] = collections.Counter()
+  for row in rows:
+    totals[tuple(row[key] for key in keys)] += row['ms_per_step']
+  return sorted(totals.items(), key=lambda item: -item[1])

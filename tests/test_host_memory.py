@@ -64,3 +64,13 @@ def test_by_default_glibc_unmaps_it():
 
 def test_trim_threshold_fits_mallopts_int():
   assert 0 < host_memory.TRIM_THRESHOLD_BYTES <= 2**31 - 1
+
+
+def test_default_evaluation_batch_fits_in_the_training_steps_memory():
+  """Evaluation (a forward pass) at no more than the training batch needs
+  less temporary memory than the training step, and so reuses what the step
+  freed; a larger one grows the heap past it (the CapsNet evaluated at 500:
+  a 5.0 GB peak resident set instead of 2.3 GB)."""
+  from train.configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  assert config.eval_batch_size <= config.batch_size

@@ -67,10 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 128  # global, over all devices and hosts
   # Evaluation's batch: at most the training batch, so that its temporaries
   # fit in the host memory the training step frees and keeps
-  # (train/host_memory.py). At 500 they did not: the heap grew past the
-  # step's, to a 5.0 GB peak resident set for 5 steps and the evaluations
-  # (2.3 GB at 128), and evaluation ran at 6.4 ms an example (3.9 ms at 128,
-  # 2 CPU cores).
+  # (train/host_memory.py). At 500 the heap grew past the step's: 5 steps
+  # and the two evaluations peaked at 3.4-5.1 GB resident against 2.4-3.6 GB
+  # at 128, and took longer (docs/speed.md, "Host memory").
   config.eval_batch_size = 128
   config.num_epochs = 50
   config.max_steps = -1  # stop after this many steps in all (-1: no limit)

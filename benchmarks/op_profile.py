@@ -9,7 +9,8 @@ shape and the `op_name` metadata, which holds the model scope it came from
 it belongs to the backward pass (`transpose(jvp(...))`).
 
 Operations are put in three kinds by their HLO names: matrix products
-(`dot`, and the YNNPACK fusions XLA:CPU builds around them), copies and
+(`dot`, the YNNPACK fusions XLA:CPU builds around them, cuBLAS GEMMs and
+cuDNN convolutions on GPUs), copies and
 transposes (layout changes, no arithmetic), and the rest (elementwise
 fusions, reductions, slices). `benchmarks/train_step.py --profile DIR`
 prints these tables for the training step.
@@ -41,7 +42,10 @@ def hlo_operations(hlo_text: str) -> dict[str, tuple[str, str]]:
 def kind(operation: str) -> str:
   """'matmul', 'copy' or 'other', from an XLA operation's name."""
   base = operation.split('.')[0]
-  if base.startswith(('dot', 'ynn_fusion', 'onednn', 'custom-call')):
+  # XLA:CPU's dots and YNNPACK / oneDNN fusions; on GPUs cuBLAS GEMMs and
+  # cuDNN convolutions.
+  if base.startswith(('dot', 'ynn_fusion', 'onednn')) or any(
+      word in base for word in ('gemm', 'matmul', 'cudnn-conv')):
     return 'matmul'
   if 'copy' in base or 'transpose' in base:
     return 'copy'

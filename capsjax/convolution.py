@@ -7,7 +7,7 @@
   transforms as products with DFT matrices. For the PrimaryCaps convolution
   (9x9 stride 2, 256 -> 256 channels on 20x20) its channel products are 5x
   fewer FLOPs than any direct method: one complex product per frequency
-  (19 x 10 of them) instead of one 20,736-long dot product per output
+  (10 x 19 of them) instead of one 20,736-long dot product per output
   position (6 x 6) and channel pair.
 - 'lax': `lax.conv_general_dilated`, the backend's own convolution (cuDNN
   on GPUs, the TPU's convolution units).

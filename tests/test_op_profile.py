@@ -28,6 +28,7 @@ def test_hlo_operations_read_shape_and_scope():
 
 @pytest.mark.parametrize('name, kind', [
     ('dot.68', 'matmul'), ('ynn_fusion.17', 'matmul'),
+    ('cublas-gemm.3', 'matmul'), ('cudnn-conv.1', 'matmul'),
     ('copy_bitcast_fusion.1', 'copy'), ('transpose_copy_fusion.15', 'copy'),
     ('bitcast_add_fusion', 'other'), ('stack.166', 'other')])
 def test_kind(name, kind):

@@ -74,24 +74,21 @@ def extract_patches(images: jax.Array, kernel_size: int, stride: int) -> jax.Arr
   """
   batch, height, width, channels = images.shape
   out_height, out_width = output_shape(height, width, kernel_size, stride)
-  # One strided slice per kernel offset: its transpose is a pad, cheap on
-  # every backend, unlike the transpose of a strided convolution on CPU.
-  offsets = [
-      lax.slice(
-          images,
-          (0, row, col, 0),
-          (
-              batch,
-              row + stride * (out_height - 1) + 1,
-              col + stride * (out_width - 1) + 1,
-              channels,
-          ),
-          (1, stride, stride, 1),
-      )
-      for row in range(kernel_size)
-      for col in range(kernel_size)
-  ]
-  patches = jnp.stack(offsets, axis=3)
+  # Strided slices, whose transposes are pads, cheap on every backend (unlike
+  # the transpose of a strided convolution on CPU). Columns first, then rows
+  # of those: 2 x size slices instead of one per offset (size^2), which
+  # XLA:CPU runs as separate operations.
+  by_columns = jnp.stack([
+      lax.slice(images, (0, 0, col, 0),
+                (batch, height, col + stride * (out_width - 1) + 1, channels),
+                (1, 1, stride, 1))
+      for col in range(kernel_size)], axis=3)
+  patches = jnp.stack([
+      lax.slice(by_columns, (0, row, 0, 0, 0),
+                (batch, row + stride * (out_height - 1) + 1, out_width,
+                 kernel_size, channels),
+                (1, stride, 1, 1, 1))
+      for row in range(kernel_size)], axis=3)
   return patches.reshape(
       batch, out_height, out_width, kernel_size * kernel_size * channels
   )

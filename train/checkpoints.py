@@ -222,11 +222,14 @@ class Checkpoints:
 
   def _verify_all(self) -> None:
     """Sets aside every step that fails its checksums (or, without them,
-    whose JSON files do not parse), before orbax reads any of them."""
-    if not self.directory.is_dir():
-      return
+    whose JSON files do not parse), before orbax reads any of them.
+
+    Every process passes the barrier, whatever it found: whether the
+    directory exists yet is no condition for it, since another process may
+    be creating it at that moment (and would then never meet this one)."""
     problems = {}
-    if jax.process_index() == 0 or self._read_only:
+    if self.directory.is_dir() and (jax.process_index() == 0
+                                    or self._read_only):
       for path in sorted(self.directory.iterdir()):
         if path.name.isdigit() and path.is_dir():
           problem = self._problem(int(path.name))

@@ -254,7 +254,7 @@ def profile(directory: str, configs, base_state, batch, steps: int
     step = jax.jit(functools.partial(train_lib.train_step, config=config),
                    donate_argnums=0)
     state = common.state_for(base_state, config)
-    executable = step.lower(state, batch).compile()
+    executable, _ = common.compile_jitted(step, state, batch)
     state, metrics = executable(state, batch)  # warm up
     jax.block_until_ready(metrics)
     compiled[precision] = (executable, state)

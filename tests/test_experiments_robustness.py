@@ -38,10 +38,11 @@ def test_robustness_command(workdirs, tmp_path_factory, tmp_path, capsys):
   lenet_dir, _ = run('lenet5', lenet5.get_config, workdirs, tmp_path_factory)
   affnist_dir, _ = run('affnist', affnist.get_config, workdirs,
                        tmp_path_factory)
-  assert robustness.main([f'--workdirs={lenet_dir},{affnist_dir}',
+  assert robustness.main([f'--models={lenet_dir},placed={affnist_dir}',
                           f'--out={tmp_path}', '--angles=-35,0,35',
                           '--num_examples=5', '--batch_size=5']) == 0
   results = json.loads((tmp_path / 'robustness.json').read_text())
+  assert list(results) == [lenet_dir.name, 'placed']
   assert [r['input_size'] for r in results.values()] == [28, 40]
   for result in results.values():
     assert result['angles'] == [-35, 0, 35]

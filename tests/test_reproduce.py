@@ -1,7 +1,9 @@
 """train/reproduce.py and train/campaign.py: the queue of runs, its status
 and its records."""
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -55,6 +57,48 @@ def test_queue_runs_records_and_skips_finished_rows(tiny_row, tmp_path):
   log_size = (root / 'tiny.log').stat().st_size
   assert reproduce.run_queue([tiny_row], root, records) == 0
   assert (root / 'tiny.log').stat().st_size == log_size
+
+
+def test_shipped_row_outlives_its_workdir(tiny_row, tmp_path, monkeypatch,
+                                          capsys):
+  """A shipped row exports its parameters and card; on a machine without
+  its workdir, the robustness row sweeps those and adds to the card."""
+  root, records = tmp_path / 'runs', tmp_path / 'records'
+  shipped = tmp_path / 'pretrained'
+  row = dataclasses.replace(tiny_row, shipped_as='tiny_model')
+  monkeypatch.setitem(campaign.ROWS_BY_NAME, 'tiny', row)
+  sweep = campaign.Row(name='sweep', what='rotations', paper='-',
+                       paper_length='-', robustness_of=('tiny',),
+                       angles='0,90', robustness_examples=40)
+  assert not reproduce.run_row(sweep, root, records, shipped)
+  assert 'waiting for tiny' in capsys.readouterr().out
+
+  assert reproduce.run_queue([row], root, records, shipped) == 0
+  meta = json.loads((shipped / 'tiny_model.json').read_text())
+  test = json.loads((records / 'tiny.json').read_text())['test']
+  assert meta['test_results'] == test
+  assert meta['checkpoint_step'] == 8
+  card = (shipped / 'tiny_model.md').read_text()
+  assert f"test error {100 * test['test_error']:.2f}%" in card
+  assert '1 epochs (8 steps)' in card and 'rotated' not in card
+
+  shutil.rmtree(root / 'tiny')  # a new machine: the records and shipped
+  assert reproduce.run_queue([sweep], root, records, shipped) == 0
+  results = json.loads((records / 'sweep.json').read_text())['results']
+  assert results['tiny']['source'] == 'pretrained:tiny_model'
+  assert results['tiny']['angles'] == [0.0, 90.0]
+  assert results['tiny']['test_examples'] == 40
+  assert results['tiny']['checkpoint_step'] == 8
+  card = (shipped / 'tiny_model.md').read_text()
+  assert 'tiny, rotated test set: 0 deg' in card
+  assert f"test error {100 * test['test_error']:.2f}%" in card
+
+  # Neither a workdir nor shipped parameters: it says what to do.
+  (records / 'sweep.json').unlink()
+  (shipped / 'tiny_model.npz').unlink()
+  capsys.readouterr()
+  assert reproduce.run_queue([sweep], root, records, shipped) == 1
+  assert 'the model of tiny is gone' in capsys.readouterr().out
 
 
 def test_status_of_running_and_stopped_rows(tiny_row, tmp_path):

@@ -42,6 +42,10 @@ class Row:
     overrides: `--config.FIELD=VALUE` settings.
     robustness_of: for a robustness row, the rows whose models it sweeps.
     angles: the rotation sweep of a robustness row.
+    robustness_examples: the test digits it sweeps (-1: all 10,000).
+    shipped_as: the `train.pretrained` name its parameters are exported as
+      when it finishes ('' if they are not shipped); a robustness row
+      sweeps these when the workdir is gone.
   """
 
   name: str
@@ -52,6 +56,8 @@ class Row:
   overrides: tuple[tuple[str, Any], ...] = ()
   robustness_of: tuple[str, ...] = ()
   angles: str = '-90:90:5'
+  robustness_examples: int = -1
+  shipped_as: str = ''
 
   def train_command(self, workdir: Path) -> list[str]:
     return [sys.executable, '-m', 'train.main', f'--workdir={workdir}',
@@ -98,11 +104,12 @@ ROWS: tuple[Row, ...] = (
         # 30 epochs fit in one working day of this project's 2-core
         # machines; the learning-rate schedule does not depend on the length,
         # so resuming the workdir with num_epochs=50 extends the same run.
-        overrides=(('num_epochs', 30),)),
+        overrides=(('num_epochs', 30),), shipped_as='mnist'),
     Row(name='mnist_lenet5', what='LeNet-5, same data and augmentation',
         paper='98.68% upright, 76.05% at 35 degrees (a tutorial)',
         paper_length='not stated',
-        config='train/configs/lenet5.py', overrides=(('num_epochs', 30),)),
+        config='train/configs/lenet5.py', overrides=(('num_epochs', 30),),
+        shipped_as='lenet5'),
     Row(name='mnist_baseline_cnn',
         what="the paper's baseline CNN (35.4M parameters), same data and "
         'augmentation',

@@ -20,6 +20,9 @@ exports the best checkpoint on validation of a finished training workdir,
 and writes its model card from the workdir's test results and, when given,
 the run's reproduction record (training length, time, machine, validation
 curve) and robustness record: every figure in the card comes from them.
+Without --workdir it rewrites the card of the exported --name (e.g. once
+the robustness record exists). `python -m train.reproduce` does both for
+the rows it ships.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from train import input_pipeline
 from train import models
 from train import trained
 
@@ -65,6 +69,18 @@ def load(name: str = 'mnist', directory: Path = DIRECTORY):
   Raises:
     PretrainedError: unknown name, or a file whose checksum does not match.
   """
+  restored = restore(name, directory)
+  return restored.model, restored.params
+
+
+def restore(name: str, directory: Path = DIRECTORY) -> trained.Restored:
+  """The pretrained model `name` as a `trained.Restored` (config, params,
+  the training step they come from), as `trained.load('pretrained:NAME')`
+  returns it.
+
+  Raises:
+    PretrainedError: unknown name, or a file whose checksum does not match.
+  """
   meta_path = directory / f'{name}.json'
   weights_path = directory / f'{name}.npz'
   if not meta_path.exists():
@@ -84,7 +100,24 @@ def load(name: str = 'mnist', directory: Path = DIRECTORY):
   params = jax.tree_util.tree_map(
       jax.numpy.asarray, traverse_util.unflatten_dict(flat))
   config = ml_collections.ConfigDict(meta['config'])
-  return models.create_model(config), params
+  return trained.Restored(config, {'params': params},
+                          int(meta['checkpoint_step']),
+                          input_pipeline.image_shape(config))
+
+
+def _is_capsule_model(config: dict[str, Any]) -> bool:
+  return config.get('model', {}).get('name', 'capsnet') in (
+      'capsnet', 'efficient_capsnet')
+
+
+def _model_line(config: dict[str, Any]) -> str:
+  model = config.get('model', {})
+  line = f"- model: `{model.get('name', 'capsnet')}`"
+  if _is_capsule_model(config):
+    line += (f", routing `{model.get('routing', 'dynamic')}`, "
+             f"{model.get('routing_iterations', 3)} routing iterations, "
+             f"reconstruction weight {config.get('reconstruction_weight')}")
+  return line
 
 
 def _percent(value: float) -> str:
@@ -98,7 +131,6 @@ def model_card(meta: dict[str, Any], record: dict[str, Any] | None = None,
   records."""
   config = meta['config']
   test = meta['test_results'] or {}
-  model = config.get('model', {})
   lines = [
       f"# {meta['name']}: capsjax model card", '',
       f"`train.pretrained.load({meta['name']!r})` returns the model and its "
@@ -106,10 +138,7 @@ def model_card(meta: dict[str, Any], record: dict[str, Any] | None = None,
       f"step {meta['checkpoint_step']}); call it as `model.apply({{'params': "
       "params}, images)` on `(N, H, W, 1)` float32 images in [0, 1].", '',
       '## Model and data', '',
-      f"- model: `{model.get('name', 'capsnet')}`, routing "
-      f"`{model.get('routing', 'dynamic')}`, "
-      f"{model.get('routing_iterations', 3)} routing iterations, "
-      f"reconstruction weight {config.get('reconstruction_weight')}",
+      _model_line(config),
       f"- data: {config.get('dataset')}, the last "
       f"{config.get('validation_size')} training images held out for "
       f"validation, random shifts of up to {config.get('max_shift')} pixels",
@@ -145,8 +174,10 @@ def model_card(meta: dict[str, Any], record: dict[str, Any] | None = None,
             '- Trained on MNIST digits centred in 28x28 images: other '
             'sizes, inverted or colour images are out of its distribution; '
             'rotations beyond about 30 degrees cost accuracy (above).',
-            '- The class is the longest capsule; the lengths are not '
-            'calibrated probabilities.',
+            ('- The class is the longest capsule; the lengths are not '
+             'calibrated probabilities.' if _is_capsule_model(config) else
+             '- The class is the largest logit; its softmax is not a '
+             'calibrated probability.'),
             '- One model, one seed: the spread between seeds is in the '
             'ablation rows of docs/results.md.', '']
   return '\n'.join(lines)
@@ -165,7 +196,7 @@ def export(workdir: str | Path, name: str, directory: Path = DIRECTORY,
         f'{workdir}: model.name={models.model_name(restored.config)!r} also '
         f'needs its {", ".join(collections)} to run, and this format holds '
         'parameters only')
-  params = jax.device_get(restored.state.params)
+  params = jax.device_get(restored.params)
   flat = {'/'.join(path): np.asarray(value) for path, value in
           traverse_util.flatten_dict(params).items()}
   directory.mkdir(parents=True, exist_ok=True)
@@ -184,14 +215,29 @@ def export(workdir: str | Path, name: str, directory: Path = DIRECTORY,
   }
   (directory / f'{name}.json').write_text(
       json.dumps(meta, indent=1, allow_nan=False) + '\n')
-  (directory / f'{name}.md').write_text(model_card(meta, record, robustness))
+  write_card(name, directory, record, robustness)
   return weights_path
+
+
+def write_card(name: str, directory: Path = DIRECTORY,
+               record: dict[str, Any] | None = None,
+               robustness: dict[str, Any] | None = None) -> Path:
+  """(Re)writes the model card `<name>.md` of exported parameters from their
+  JSON and the given records."""
+  meta_path = directory / f'{name}.json'
+  if not meta_path.exists():
+    raise PretrainedError(f'no pretrained model {name!r} in {directory}')
+  path = directory / f'{name}.md'
+  path.write_text(model_card(json.loads(meta_path.read_text()), record,
+                             robustness))
+  return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', required=True,
-                      help='a finished python -m train.main workdir')
+  parser.add_argument('--workdir',
+                      help='a finished python -m train.main workdir (without '
+                      'it: rewrite the model card of the exported --name)')
   parser.add_argument('--name', required=True, help="e.g. 'mnist'")
   parser.add_argument('--out', type=Path, default=DIRECTORY)
   parser.add_argument('--record', type=Path,
@@ -209,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f'--{field}={path}: {error}')
   if 'robustness' in records and 'results' not in records['robustness']:
     parser.error(f'--robustness={args.robustness}: not a robustness record')
+  if args.workdir is None:
+    print(f'wrote {write_card(args.name, args.out, **records)}')
+    return 0
   path = export(args.workdir, args.name, args.out, **records)
   print(f'wrote {path}, {path.with_suffix(".json")} and '
         f'{path.with_suffix(".md")}')

@@ -1,6 +1,7 @@
 """The paper's experiments (`campaign.ROWS`) as one resumable queue of runs.
 
     python -m train.reproduce --root=DIR [--rows=NAME,...] [--records=DIR]
+        [--pretrained=DIR]
     python -m train.reproduce --root=DIR --status
     python -m train.reproduce --docs=docs/reproduction.md [--records=DIR]
 
@@ -11,7 +12,13 @@ the last checkpoint are lost). A row that fails is reported and the queue
 goes on with the next.
 
 When a row finishes, its record (`campaign.training_record`) goes to
-`--records` (default: `results/` in the repository) as `<row>.json`.
+`--records` (default: `results/` in the repository) as `<row>.json`, and a
+row shipped as a pretrained model (`Row.shipped_as`) is exported to
+`--pretrained` (default: `train/pretrained/` in the repository) with its
+model card. A robustness row sweeps each model from its workdir, or from
+its shipped parameters where the workdir is gone (a new machine), and then
+adds its figures to the shipped models' cards. Records and shipped
+parameters are what outlives the machine: commit them.
 `--docs` writes the Markdown table of every record beside the paper's
 figures (`campaign.docs_table`).
 """
@@ -31,6 +38,7 @@ from train import campaign
 from train import workdir as workdir_lib
 
 DEFAULT_RECORDS = campaign.REPO_ROOT / 'results'
+DEFAULT_PRETRAINED = campaign.REPO_ROOT / 'train' / 'pretrained'
 
 
 # ---------------------------------------------------------------------------
@@ -94,32 +102,66 @@ def status_line(row: campaign.Row, root: Path, records: Path) -> str:
 # Running the queue.
 
 
-def run_row(row: campaign.Row, root: Path, records: Path) -> bool:
-  """Runs (or resumes) one row to its end; writes its record. True if it
-  finished."""
+def has_checkpoint(workdir: Path) -> bool:
+  directory = workdir / 'checkpoints'
+  return directory.is_dir() and any(directory.iterdir())
+
+
+def model_sources(row: campaign.Row, root: Path, records: Path,
+                  pretrained: Path) -> tuple[list[str], list[str]]:
+  """A robustness row's `NAME=SOURCE` models for `train.robustness`, and
+  the problems that keep it from running (rows not finished, or finished
+  with neither a workdir nor shipped parameters left)."""
+  sources, problems = [], []
+  for name in row.robustness_of:
+    workdir = root / name
+    shipped_as = campaign.ROWS_BY_NAME[name].shipped_as
+    if not (records / f'{name}.json').exists():
+      problems.append(f'waiting for {name}')
+    elif has_checkpoint(workdir):
+      sources.append(f'{name}={workdir}')
+    elif shipped_as and (pretrained / f'{shipped_as}.npz').exists():
+      sources.append(f'{name}=pretrained:{shipped_as}')
+    else:
+      problems.append(
+          f'the model of {name} is gone (no checkpoint in {workdir}, no '
+          f'shipped parameters): delete {records / (name + ".json")} to '
+          'train it again')
+  return sources, problems
+
+
+def _call(command: Sequence[str], log: Path) -> int:
+  with log.open('a') as output:
+    return subprocess.call(command, cwd=campaign.REPO_ROOT, stdout=output,
+                           stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL)
+
+
+def run_row(row: campaign.Row, root: Path, records: Path,
+            pretrained: Path = DEFAULT_PRETRAINED) -> bool:
+  """Runs (or resumes) one row to its end; writes its record (and, for a
+  shipped row, its parameters and model card). True if it finished."""
   workdir = root / row.name
   log = root / f'{row.name}.log'
   if row.robustness_of:
-    missing = [name for name in row.robustness_of
-               if not (records / f'{name}.json').exists()]
-    if missing:
-      print(f'{row.name}: waiting for {", ".join(missing)}', flush=True)
+    sources, problems = model_sources(row, root, records, pretrained)
+    if problems:
+      print(f'{row.name}: {"; ".join(problems)}', flush=True)
       return False
     command = [sys.executable, '-m', 'train.robustness',
-               '--workdirs=' + ','.join(str(root / name)
-                                        for name in row.robustness_of),
-               f'--out={workdir}', f'--angles={row.angles}']
+               '--models=' + ','.join(sources), f'--out={workdir}',
+               f'--angles={row.angles}',
+               f'--num_examples={row.robustness_examples}',
+               f'--pretrained_dir={pretrained}']
   else:
     command = row.train_command(workdir)
   print(f'{row.name}: {" ".join(command[1:])} (log: {log})', flush=True)
   start = time.monotonic()
-  with log.open('a') as output:
-    code = subprocess.call(command, cwd=campaign.REPO_ROOT, stdout=output,
-                           stderr=subprocess.STDOUT,
-                           stdin=subprocess.DEVNULL)
+  code = _call(command, log)
   if code != 0:
     print(f'{row.name}: failed (exit {code}); see {log}', flush=True)
     return False
+  record_path = records / f'{row.name}.json'
   if row.robustness_of:
     record = {'row': row.name, 'what': row.what, 'paper': row.paper,
               'commit': campaign.commit(), 'machine': campaign.machine(),
@@ -127,19 +169,36 @@ def run_row(row: campaign.Row, root: Path, records: Path) -> bool:
               'results': json.loads((workdir / 'robustness.json').read_text())}
   else:
     record = campaign.training_record(row, workdir)
-  campaign.write_json(records / f'{row.name}.json', record)
-  print(f'{row.name}: done; record {records / (row.name + ".json")}',
-        flush=True)
+  campaign.write_json(record_path, record)
+  print(f'{row.name}: done; record {record_path}', flush=True)
+  if row.shipped_as:
+    exports = [(row.shipped_as, [f'--workdir={workdir}',
+                                 f'--record={record_path}'])]
+  else:  # a robustness row: its figures go into the shipped models' cards
+    exports = [(campaign.ROWS_BY_NAME[name].shipped_as,
+                [f'--record={records / (name + ".json")}',
+                 f'--robustness={record_path}'])
+               for name in row.robustness_of
+               if campaign.ROWS_BY_NAME[name].shipped_as and
+               (pretrained / f'{campaign.ROWS_BY_NAME[name].shipped_as}'
+                '.json').exists()]
+  for name, arguments in exports:
+    code = _call([sys.executable, '-m', 'train.pretrained', f'--name={name}',
+                  f'--out={pretrained}', *arguments], log)
+    print(f'{row.name}: ' + (f'shipped as {pretrained / name}.npz' if code == 0
+                             else f'exporting {name} failed (exit {code}); '
+                             f'see {log}'), flush=True)
   return True
 
 
-def run_queue(rows: Sequence[campaign.Row], root: Path, records: Path) -> int:
+def run_queue(rows: Sequence[campaign.Row], root: Path, records: Path,
+              pretrained: Path = DEFAULT_PRETRAINED) -> int:
   failed = []
   for row in rows:
     if (records / f'{row.name}.json').exists():
       continue
     root.mkdir(parents=True, exist_ok=True)
-    if not run_row(row, root, records):
+    if not run_row(row, root, records, pretrained):
       failed.append(row.name)
   return 1 if failed else 0
 
@@ -151,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--root', type=Path, help='folder of the workdirs')
   parser.add_argument('--records', type=Path, default=DEFAULT_RECORDS,
                       help='folder of the finished rows\' records')
+  parser.add_argument('--pretrained', type=Path, default=DEFAULT_PRETRAINED,
+                      help='folder of the shipped models\' parameters')
   parser.add_argument('--rows', default='',
                       help='comma-separated row names (default: all)')
   parser.add_argument('--status', action='store_true',
@@ -180,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in rows:
       print(status_line(row, root, args.records))
     return 0
-  return run_queue(rows, root, args.records.expanduser().absolute())
+  return run_queue(rows, root, args.records.expanduser().absolute(),
+                   args.pretrained.expanduser().absolute())
 
 
 if __name__ == '__main__':

@@ -2,11 +2,14 @@
 
 The command
 
-    python -m train.robustness --workdirs=DIR1,DIR2 --out=DIR
+    python -m train.robustness --models=[NAME=]SOURCE,... --out=DIR
         [--angles=-60:60:5] [--num_examples=-1] [--batch_size=250]
+        [--pretrained_dir=DIR]
 
-restores each workdir's best checkpoint on validation (its config is read
-from `config.json` in the workdir) and measures test accuracy on the MNIST
+restores each model (SOURCE: a training workdir, whose best checkpoint on
+validation and `config.json` it reads, or `pretrained:NAME` for shipped
+parameters; NAME labels it, by default the workdir's or the shipped
+model's name) and measures test accuracy on the MNIST
 test set rotated by every angle of the sweep (default -60..60 in steps of 5,
 including +-35), and on the affine set at the model's input size (28x28
 models: affine digits on a 28x28 canvas; 40x40 affNIST-style models: on
@@ -91,14 +94,15 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
   plt.close(figure)
 
 
-def evaluate_workdir(workdir: str | Path, angles: Sequence[float],
-                     num_examples: int = -1, batch_size: int = 250,
-                     affine_seed: int = 0) -> dict[str, Any]:
-  """Restores the best checkpoint of `workdir` and sweeps it."""
-  restored = trained.restore_best(workdir)
+def evaluate(source: str | Path, angles: Sequence[float],
+             num_examples: int = -1, batch_size: int = 250,
+             affine_seed: int = 0,
+             pretrained_dir: Path | None = None) -> dict[str, Any]:
+  """Restores the model of `source` (see `trained.load`) and sweeps it."""
+  restored = trained.load(source, pretrained_dir)
   config = restored.config
   if config.dataset == 'multimnist':
-    raise ValueError(f'{workdir}: a MultiMNIST model classifies pairs; the '
+    raise ValueError(f'{source}: a MultiMNIST model classifies pairs; the '
                      'rotation sweep is for single-digit models')
   splits = input_pipeline.load_source_splits(config)
   images, labels = splits.test_images, splits.test_labels
@@ -112,10 +116,24 @@ def evaluate_workdir(workdir: str | Path, angles: Sequence[float],
   predict = trained.make_predict(restored, batch_size)
   result = accuracy_sweep(predict, images, labels, angles, affine_images,
                           affine_labels)
-  result.update(workdir=str(workdir), checkpoint_step=restored.step,
+  result.update(source=str(source), checkpoint_step=restored.step,
                 model=models.model_name(config), dataset=config.dataset,
                 input_size=size, test_examples=int(len(labels)))
   return result
+
+
+def parse_models(text: str) -> list[tuple[str, str]]:
+  """'[NAME=]SOURCE,...' -> [(NAME, SOURCE)]; a workdir SOURCE is made
+  absolute, and NAME defaults to its folder's or the shipped model's name."""
+  models_ = []
+  for item in (part for part in text.split(',') if part):
+    name, separator, source = item.partition('=')
+    if not separator:
+      name, source = '', name
+    if not source.startswith(trained.PRETRAINED_PREFIX):
+      source = str(Path(source).expanduser().absolute())
+    models_.append((name or Path(source).name.split(':')[-1], source))
+  return models_
 
 
 def _parse_angles(text: str) -> list[float]:
@@ -132,8 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       description='Accuracy of trained models on rotated and affine-'
       'transformed MNIST test digits.')
-  parser.add_argument('--workdirs', required=True,
-                      help='comma-separated training workdirs')
+  parser.add_argument('--models', required=True,
+                      help="comma-separated '[NAME=]SOURCE': a training "
+                      "workdir or 'pretrained:NAME'")
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--angles', default='-60:60:5',
                       help="'start:stop:step' (inclusive) or a list 'a,b,c'")
@@ -141,19 +160,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='first N test digits (-1: all 10000)')
   parser.add_argument('--batch_size', type=int, default=250)
   parser.add_argument('--affine_seed', type=int, default=0)
+  parser.add_argument('--pretrained_dir', type=Path,
+                      help="where 'pretrained:NAME' is (default: the "
+                      "repository's train/pretrained)")
   args = parser.parse_args(argv)
   angles = _parse_angles(args.angles)
   out = Path(args.out).expanduser()
   out.mkdir(parents=True, exist_ok=True)
   results = {}
-  for workdir in [w for w in args.workdirs.split(',') if w]:
-    name = Path(workdir).expanduser().absolute().name
+  for name, source in parse_models(args.models):
     while name in results:
       name += "'"
-    print(f'evaluating {workdir} ...', flush=True)
-    results[name] = evaluate_workdir(Path(workdir).expanduser(), angles,
-                                     args.num_examples, args.batch_size,
-                                     args.affine_seed)
+    print(f'evaluating {source} ...', flush=True)
+    results[name] = evaluate(source, angles, args.num_examples,
+                             args.batch_size, args.affine_seed,
+                             args.pretrained_dir)
   print(format_table(results))
   (out / 'robustness.json').write_text(json.dumps(results, indent=2) + '\n')
   plot(results, out / 'robustness.png')

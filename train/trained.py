@@ -1,6 +1,11 @@
-"""A finished training run: its best checkpoint on validation, restored, and
-a predictor over it (for `train.robustness`, `train.figures` and
-`train.pretrained`)."""
+"""A trained model: a finished training run's best checkpoint on
+validation, or shipped parameters (`train.pretrained`), restored, and a
+predictor over it (for `train.robustness`, `train.figures` and
+`train.pretrained`).
+
+A model's *source* is a training workdir, or `pretrained:NAME` for the
+parameters shipped as NAME, which outlive any workdir.
+"""
 
 from __future__ import annotations
 
@@ -20,16 +25,47 @@ from train import train
 from train import workdir as workdir_lib
 
 
+PRETRAINED_PREFIX = 'pretrained:'
+
+
 @dataclasses.dataclass
 class Restored:
+  """A trained model.
+
+  Attributes:
+    config: the config it was trained with.
+    variables: `{'params': ..., and its other collections}`, as
+      `model.apply` takes them.
+    step: the training step of its parameters.
+    image_shape: its input, `(height, width, channels)`.
+    state: the whole train state (optimizer included) when restored from a
+      workdir; None for shipped parameters.
+  """
+
   config: ml_collections.ConfigDict
-  state: Any  # flax TrainState
+  variables: dict[str, Any]
   step: int
   image_shape: tuple[int, ...]
+  state: Any = None
 
   @property
   def model(self):
     return models.create_model(self.config)
+
+  @property
+  def params(self):
+    return self.variables['params']
+
+
+def load(source: str | Path, pretrained_dir: Path | None = None) -> Restored:
+  """The model of `source`: a workdir's best checkpoint on validation, or
+  `pretrained:NAME`'s shipped parameters (in `pretrained_dir`, by default
+  the repository's)."""
+  if str(source).startswith(PRETRAINED_PREFIX):
+    from train import pretrained  # pylint: disable=g-import-not-at-top
+    return pretrained.restore(str(source)[len(PRETRAINED_PREFIX):],
+                              pretrained_dir or pretrained.DIRECTORY)
+  return restore_best(source)
 
 
 def restore_best(workdir: str | Path) -> Restored:
@@ -48,13 +84,13 @@ def restore_best(workdir: str | Path) -> Restored:
   if restored is None:
     raise FileNotFoundError(f'{workdir}: no readable checkpoint')
   state, _ = restored
-  return Restored(config, state, int(state.step), shape)
+  return Restored(config, models.variables(state), int(state.step), shape,
+                  state)
 
 
 def make_predict(restored: Restored, batch_size: int = 250):
   """images (N, H, W, C) numpy -> (N,) predicted classes, in batches."""
-  apply_fn, variables = restored.state.apply_fn, models.variables(
-      restored.state)
+  apply_fn, variables = restored.model.apply, restored.variables
 
   @jax.jit
   def scores(variables, images):

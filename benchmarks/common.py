@@ -250,9 +250,9 @@ ALLOCATOR_ENVIRONMENT = {
 def add_conv_method_argument(parser) -> None:
   parser.add_argument(
       '--conv-method', default='auto', choices=capsjax_convolution.METHODS,
-      help="config.model.conv_method: 'auto' (Fourier on CPU for the "
-      "PrimaryCaps convolution, lax off the CPU), 'patches', 'fourier' or "
-      "'lax'")
+      help="config.model.conv_method: 'auto' (on the CPU Fourier where "
+      "capsjax.convolution.resolve_method finds it faster, else patches; "
+      "lax off the CPU), 'patches', 'fourier' or 'lax'")
 
 
 def make_parser(doc: str) -> argparse.ArgumentParser:

@@ -46,6 +46,9 @@ run train_step_float32_patches python benchmarks/train_step.py \
 run profile python benchmarks/train_step.py \
   --precision float32,bfloat16 --steps 2 --warmup 1 --profile "$out/profile" \
   --out "$out/profile.json"
+run conv_methods python benchmarks/conv_methods.py \
+  --steps lenet5,efficient_capsnet,capsnet --step-repeats 10 \
+  --out "$out/conv_methods.json"
 run routing_iterations python benchmarks/routing_iterations.py \
   --out "$out/routing_iterations.json" --plot "$out/routing_iterations.png"
 run routing_algorithms python benchmarks/routing_algorithms.py \

@@ -10,8 +10,9 @@ step time, its range over runs, images/s, and PyTorch's step time measured
 in the same runs with the speed ratio; then, per run, the ratios measured
 side by side (JAX vs PyTorch, executed FLOPs vs the same run's plain dot
 rate); the other experiments' steps; the peak memory per routing iteration
-count (`routing_iterations.json`); and the machine (CPU model and flags,
-device) of every run. `benchmarks/run_all.sh DIR` writes such a folder.
+count (`routing_iterations.json`); whole steps by convolution method
+(`conv_methods.json`); and the machine (CPU model and flags, device) of
+every run. `benchmarks/run_all.sh DIR` writes such a folder.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def table(directory: Path) -> str:
         f"| {precision} | {method} | {allocator} | {_spread(group['jax'])} "
         f"| {statistics.median(group['batch']) / jax_median:.1f} "
         f'| {torch_cell} | {ratio} |')
-  return '\n'.join(lines)
+  return '\n'.join(lines) if len(lines) > 2 else ''
 
 
 def _reports(directory: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -136,7 +137,7 @@ def side_by_side(directory: Path) -> str:
           f"{(result.get('flops_executed') or 0) / 1e9:.1f} | "
           f"{'-' if executed is None else f'{100 * executed:.0f}%'} | "
           f"{skipped or '-'} |")
-  return '\n'.join(lines)
+  return '\n'.join(lines) if len(lines) > 2 else ''
 
 
 def experiments(directory: Path) -> str:
@@ -176,13 +177,37 @@ def routing_memory(directory: Path) -> str:
   return '\n'.join(lines)
 
 
+def conv_method_steps(directory: Path) -> str:
+  """Whole steps by conv method (`conv_methods.json`), one row a model."""
+  path = directory / 'conv_methods.json'
+  if not path.is_file():
+    return ''
+  steps = json.loads(path.read_text()).get('steps') or []
+  methods = list(dict.fromkeys(step['conv_method'] for step in steps))
+  by_model = {}
+  for step in steps:
+    by_model.setdefault((step['model'], step['batch_size']), {})[
+        step['conv_method']] = step
+  lines = ['| step (batch) | ' + ' | '.join(
+      f"'{method}' ms (IQR)" for method in methods) + ' |',
+           '| --- |' + ' --- |' * len(methods)]
+  for (model, batch_size), by_method in by_model.items():
+    lines.append(f'| {model} ({batch_size}) | ' + ' | '.join(
+        f"{1e3 * by_method[m]['median_s']:.1f} "
+        f"({1e3 * by_method[m]['iqr_s']:.1f})" if m in by_method else '-'
+        for m in methods) + ' |')
+  return '\n'.join(lines) if by_model else ''
+
+
 def summary(directory: Path) -> str:
   sections = [('Machines', machines(directory)),
               ('Training step, medians over runs', table(directory)),
               ('Ratios measured side by side, per run', side_by_side(directory)),
               ('Other experiments (float32)', experiments(directory)),
               ('Peak memory per routing iteration count',
-               routing_memory(directory))]
+               routing_memory(directory)),
+              ('Training steps by convolution method',
+               conv_method_steps(directory))]
   return '\n\n'.join(f'### {title}\n\n{body}' for title, body in sections
                       if body)
 

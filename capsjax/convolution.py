@@ -14,9 +14,9 @@
 - 'auto' (the default; `resolve_method`): 'lax' off the CPU, where the
   backend's convolutions run on the matrix units and 'patches' would only
   materialise the patches (81 offsets: about 382 MB at the PrimaryCaps
-  shape and batch 128); on the CPU 'fourier' from 64 input channels on,
-  else 'patches'. With few input channels the transforms cost more than
-  they save.
+  shape and batch 128); on the CPU 'fourier' where it saves enough
+  products and the transforms do not cost more than they save, else
+  'patches'.
 
 XLA:CPU computes the input gradient of a strided convolution (e.g. the
 PrimaryCaps 9x9 stride-2 conv, 256 -> 256 channels) on a slow generic path:
@@ -343,25 +343,56 @@ def conv2d_fourier(images: jax.Array, kernel: jax.Array, stride: int = 1,
                         ).transpose(2, 0, 1, 3)
 
 
-# 'auto' uses the Fourier method from this many input channels on. With
-# few, the transforms of the (batch x out_channels) output maps cost more
-# than the direct products they save: conv1 (1 -> 256 channels, 9x9 on
-# 28x28, batch 128, + ReLU) measured 255 ms forward + backward against
-# 115 ms by patches.
-FOURIER_MIN_IN_CHANNELS = 64
+# When 'auto' picks the Fourier method on the CPU (`python
+# benchmarks/conv_methods.py --steps lenet5,efficient_capsnet,capsnet`;
+# 2-core AMD EPYC with AVX-512). Forward + backward of single convolutions,
+# patches time / Fourier time, and the product ratio below:
+#   PrimaryCaps 9x9/2 256->256 on 20x20:  3.85  (ratio 5.1)
+#   baseline CNN 5x5 256->256 on 32x32:   8.15  (ratio 12)
+#   Efficient-CapsNet 3x3/2 64->128 on 20x20: 0.30 (ratio 1.3); its whole
+#     step 59 ms by 'auto', 58 ms with every layer by patches, 75 ms by
+#     Fourier
+#   LeNet-5's 1->6 and 6->16: 1.06 and 0.92, the same within the noise
+# Few input channels feeding many output maps (conv1, 1->256, 9x9 on 28x28)
+# are faster by Fourier alone (1.35), but not inside the CapsNet step (393
+# ms by 'auto', 397 ms with conv1 by Fourier too): the inverse transforms of
+# the many output maps, and their layout, cost what the products save.
+FOURIER_MIN_PRODUCT_RATIO = 4
+FOURIER_MANY_CHANNELS = 64
+
+
+def fourier_product_ratio(height: int, width: int, kernel_size: int,
+                          stride: int = 1) -> float:
+  """Real multiply-adds per channel pair of a direct method over those of
+  the Fourier method's channel products (`conv2d_fourier`):
+
+      size^2 * out_height * out_width / (3 * (N_h // 2 + 1) * N_w)
+
+  with `N = stride * (out - 1) + size` the grid the strided outputs read,
+  and three real products per complex one."""
+  out_height, out_width = output_shape(height, width, kernel_size, stride)
+  grid_height = stride * (out_height - 1) + kernel_size
+  grid_width = stride * (out_width - 1) + kernel_size
+  frequencies = (grid_height // 2 + 1) * grid_width
+  return kernel_size**2 * out_height * out_width / (3 * frequencies)
 
 
 def resolve_method(method: str, compute_dtype: jnp.dtype | None,
-                   in_channels: int, platform: str | None = None) -> str:
+                   images_shape: tuple[int, ...],
+                   kernel_shape: tuple[int, ...], stride: int = 1,
+                   platform: str | None = None) -> str:
   """The method `conv2d` runs for `method` ('auto' resolved).
 
-  'auto' -> 'lax' off the CPU; on the CPU 'fourier' with >= 64 input
-  channels, else 'patches'.
+  'auto' -> 'lax' off the CPU. On the CPU 'fourier' where it saves
+  products (`fourier_product_ratio` >= 4), unless few input channels feed
+  many output maps (fewer than 64 in, 64 or more out), else 'patches'.
 
   Args:
     method: one of METHODS.
     compute_dtype: the matmul input dtype (None: the inputs' own).
-    in_channels: the convolution's input channels.
+    images_shape: `(batch, height, width, in_channels)`.
+    kernel_shape: `(size, size, in_channels, out_channels)`.
+    stride: the same in both directions.
     platform: 'cpu', 'gpu', 'tpu', ...; None: `jax.default_backend()`.
   """
   del compute_dtype  # Every method takes it (see `conv2d`).
@@ -372,7 +403,14 @@ def resolve_method(method: str, compute_dtype: jnp.dtype | None,
   platform = jax.default_backend() if platform is None else platform
   if platform != 'cpu':
     return 'lax'
-  return 'fourier' if in_channels >= FOURIER_MIN_IN_CHANNELS else 'patches'
+  _, height, width, in_channels = images_shape
+  kernel_size, _, _, out_channels = kernel_shape
+  if (fourier_product_ratio(height, width, kernel_size, stride) <
+      FOURIER_MIN_PRODUCT_RATIO):
+    return 'patches'
+  if (in_channels < FOURIER_MANY_CHANNELS <= out_channels):
+    return 'patches'
+  return 'fourier'
 
 
 def conv2d_lax(images: jax.Array, kernel: jax.Array, stride: int = 1
@@ -431,7 +469,8 @@ def conv2d(
         f'images have {images.shape[-1]} channels, kernel expects '
         f'{in_channels}'
     )
-  method = resolve_method(method, compute_dtype, in_channels)
+  method = resolve_method(method, compute_dtype, images.shape, kernel.shape,
+                          stride)
   if method == 'fourier':
     return conv2d_fourier(images, kernel, stride, compute_dtype)
   if method == 'lax':

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import common
+from benchmarks import conv_methods
 from benchmarks import epoch
 from benchmarks import routing_algorithms
 from benchmarks import routing_iterations
@@ -360,8 +361,46 @@ def test_analytic_flops_match_the_paper_model():
   assert flops == pytest.approx(1.2026e9, rel=1e-3)
 
 
+def test_conv_methods(tmp_path, capsys):
+  from benchmarks import summarize  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'conv_methods.json'
+  assert conv_methods.main([
+      '--small', '--repeats', '2', '--out', str(out),
+      '--shapes', 'LeNet-5 conv2,Efficient-CapsNet conv4']) == 0
+  report = json.loads(out.read_text())
+  assert [r['name'] for r in report['results']] == [
+      'LeNet-5 conv2', 'Efficient-CapsNet conv4']
+  for result in report['results']:
+    assert result['images_shape'][0] == 2
+    for method in ('patches', 'fourier'):
+      assert result['timings'][method]['repeats'] == 2
+      assert positive(result['timings'][method]['median_s'])
+  # What 'auto' picks for these shapes, as tests/test_convolution.py pins it.
+  assert [r['auto'] for r in report['results']] == ['fourier', 'patches']
+  assert report['steps'] == []
+  assert 'patches / fourier' in capsys.readouterr().out
+
+  # Whole steps: 'auto' against each method, alternately.
+  assert conv_methods.main([
+      '--small', '--repeats', '1', '--out', str(out), '--shapes',
+      'LeNet-5 conv2', '--methods', 'patches', '--steps', 'lenet5',
+      '--step-repeats', '1']) == 0
+  steps = json.loads(out.read_text())['steps']
+  assert [(r['model'], r['conv_method'], r['repeats']) for r in steps] == [
+      ('lenet5', 'auto', 3), ('lenet5', 'patches', 3)]
+  assert all(positive(r['median_s']) and r['batch_size'] == 2
+             for r in steps)
+  table = summarize.conv_method_steps(tmp_path).splitlines()
+  assert table[0] == "| step (batch) | 'auto' ms (IQR) | 'patches' ms (IQR) |"
+  assert table[2].startswith('| lenet5 (2) | ')
+  for flags in (['--shapes', 'conv9'], ['--steps', 'resnet'],
+                ['--methods', 'auto']):
+    with pytest.raises(SystemExit):
+      conv_methods.main(flags)
+
+
 def test_scripts_run_from_the_command_line():
-  for script in ('routing_iterations.py', 'train_step.py'):
+  for script in ('routing_iterations.py', 'train_step.py', 'conv_methods.py'):
     process = subprocess.run(
         [sys.executable, str(REPO_ROOT / 'benchmarks' / script), '--help'],
         capture_output=True, text=True, timeout=120, check=False)

@@ -80,33 +80,54 @@ def test_primary_caps_shape(method):
   chex.assert_type(result, jnp.float32)
 
 
+# (images shape, kernel shape, stride) of the convolutions `resolve_method`
+# was measured on, and what 'auto' picks for them on the CPU.
+MEASURED_ON_THE_CPU = [
+    ((128, 20, 20, 256), (9, 9, 256, 256), 2, 'fourier'),  # PrimaryCaps
+    ((128, 28, 28, 1), (9, 9, 1, 256), 1, 'patches'),  # CapsNet conv1
+    ((128, 32, 32, 256), (5, 5, 256, 256), 1, 'fourier'),  # baseline CNN
+    ((128, 32, 32, 1), (5, 5, 1, 6), 1, 'fourier'),  # LeNet-5
+    ((128, 14, 14, 6), (5, 5, 6, 16), 1, 'fourier'),
+    ((16, 22, 22, 64), (3, 3, 64, 64), 1, 'fourier'),  # Efficient-CapsNet
+    ((16, 20, 20, 64), (3, 3, 64, 128), 2, 'patches'),
+    ((8, 12, 12, 256), (1, 1, 256, 256), 1, 'patches'),  # 1x1: no saving
+]
+
+
 @pytest.mark.parametrize('platform', ['gpu', 'tpu', 'cuda', 'rocm'])
 def test_auto_picks_lax_off_the_cpu(platform):
   # The backend's own convolutions (cuDNN, the TPU's) in every precision,
   # never materialised patches or the CPU's Fourier products.
   for dtype in (None, jnp.float32, jnp.bfloat16):
-    for in_channels in (1, 3, convolution.FOURIER_MIN_IN_CHANNELS, 256):
+    for images_shape, kernel_shape, stride, _ in MEASURED_ON_THE_CPU:
       assert convolution.resolve_method(
-          'auto', dtype, in_channels, platform=platform) == 'lax'
+          'auto', dtype, images_shape, kernel_shape, stride,
+          platform=platform) == 'lax'
 
 
 def test_auto_on_the_cpu_picks_fourier_only_where_it_pays():
-  many = convolution.FOURIER_MIN_IN_CHANNELS
   for dtype in (None, jnp.float32, jnp.bfloat16):
-    assert convolution.resolve_method('auto', dtype, many,
-                                      platform='cpu') == 'fourier'
-    # Few input channels: the transforms cost more than they save.
-    assert convolution.resolve_method('auto', dtype, 1,
-                                      platform='cpu') == 'patches'
+    for images_shape, kernel_shape, stride, expected in MEASURED_ON_THE_CPU:
+      assert convolution.resolve_method(
+          'auto', dtype, images_shape, kernel_shape, stride,
+          platform='cpu') == expected, (images_shape, kernel_shape, stride)
+  # The product ratio as its docstring writes it: PrimaryCaps reads a 19x19
+  # grid, 10 x 19 frequencies, 6 x 6 outputs of 81 taps.
+  assert convolution.fourier_product_ratio(20, 20, 9, 2) == pytest.approx(
+      81 * 36 / (3 * 10 * 19))
+  assert convolution.fourier_product_ratio(12, 12, 1) < 1
   # The default platform is the default backend's.
-  assert convolution.resolve_method('auto', None, many) == (
-      convolution.resolve_method('auto', None, many,
+  shapes = MEASURED_ON_THE_CPU[0][:3]
+  assert convolution.resolve_method('auto', None, *shapes) == (
+      convolution.resolve_method('auto', None, *shapes,
                                  platform=jax.default_backend()))
   # An explicit method is kept everywhere.
   for method in ('patches', 'fourier', 'lax'):
     for platform in ('cpu', 'gpu'):
-      assert convolution.resolve_method(method, jnp.bfloat16, 1,
+      assert convolution.resolve_method(method, jnp.bfloat16, *shapes,
                                         platform=platform) == method
+  with pytest.raises(ValueError, match='conv method'):
+    convolution.resolve_method('direct', None, *shapes)
 
 
 @pytest.mark.parametrize('method', ['patches', 'fourier', 'lax'])

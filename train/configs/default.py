@@ -43,9 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.class_capsule_dim = 16
   config.model.decoder_hidden_sizes = (512, 1024)
   # How the convolutions are computed (capsjax/convolution.py; the
-  # baselines' too): 'auto' (the convolution theorem for float32 on CPU from
-  # 64 input channels, where it is faster; else patches @ kernel), 'patches'
-  # or 'fourier'. The same maths either way.
+  # baselines' too): 'auto' (on the CPU the convolution theorem where it is
+  # faster, else patches @ kernel; lax.conv elsewhere; see
+  # capsjax.convolution.resolve_method), 'patches', 'fourier' or 'lax'. The
+  # same maths either way.
   config.model.conv_method = 'auto'
   # Official code: 1 / 32 (a side effect of its capsule layer); paper: 1.
   config.model.primary_capsule_scale = 1.0

@@ -75,6 +75,11 @@ def test_config_errors_are_named():
   with pytest.raises(config_checks.ConfigError,
                      match=r"config.model.routing='k_means': must be one of"):
     config_checks.validate_config(config, 1)
+  config = default.get_config()
+  config.stop_at_validation_accuracy = 99.2  # a percentage, not a fraction
+  with pytest.raises(config_checks.ConfigError,
+                     match=r'stop_at_validation_accuracy=99.2: must be in'):
+    config_checks.validate_config(config, 1)
 
 
 @pytest.mark.parametrize('routing', ['em', 'self_attention'])

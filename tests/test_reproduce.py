@@ -29,12 +29,24 @@ def tiny_row(mnist_idx_dir, mnist_tfds_dir, monkeypatch):
                       overrides=tuple(overrides.items()))
 
 
-def test_queue_runs_records_and_skips_finished_rows(tiny_row, tmp_path):
+def test_queue_runs_records_ships_and_skips_finished_rows(
+    tiny_row, tmp_path, monkeypatch, capsys):
+  """A row runs to its record and, shipped, exports its parameters and
+  card; on a machine without its workdir the robustness row sweeps those
+  and adds its figures to the card."""
   root, records = tmp_path / 'runs', tmp_path / 'records'
-  assert reproduce.status_line(tiny_row, root, records) == (
+  shipped = tmp_path / 'pretrained'
+  row = dataclasses.replace(tiny_row, shipped_as='tiny_model')
+  monkeypatch.setitem(campaign.ROWS_BY_NAME, 'tiny', row)
+  sweep = campaign.Row(name='sweep', what='rotations', paper='-',
+                       paper_length='-', robustness_of=('tiny',),
+                       angles='0,90', robustness_examples=40)
+  assert reproduce.status_line(row, root, records) == (
       'tiny: pending, no epoch finished yet')
+  assert not reproduce.run_row(sweep, root, records, shipped)
+  assert 'waiting for tiny' in capsys.readouterr().out
 
-  assert reproduce.run_queue([tiny_row], root, records) == 0
+  assert reproduce.run_queue([row], root, records, shipped) == 0
 
   record = json.loads((records / 'tiny.json').read_text())
   assert record['steps'] == 8 and record['epochs'] == 1
@@ -45,42 +57,27 @@ def test_queue_runs_records_and_skips_finished_rows(tiny_row, tmp_path):
   assert record['config']['model']['conv_features'] == 16
   assert record['commit'] and record['machine']['cpu_count'] >= 1
   assert record['paper'] == '0.25% test error'
-  status = reproduce.status_line(tiny_row, root, records)
+  status = reproduce.status_line(row, root, records)
   assert status == ('tiny: done, 1.0 epochs, test error '
                     f"{100 * record['test']['test_error']:.2f}% (paper: "
                     '0.25% test error)')
-  table = campaign.docs_table(records, [tiny_row])
+  table = campaign.docs_table(records, [row])
   assert '| tiny | a tiny CapsNet | 1 epochs (8 steps) |' in table
   assert '0.25% test error' in table
 
-  # A finished row is not run again.
-  log_size = (root / 'tiny.log').stat().st_size
-  assert reproduce.run_queue([tiny_row], root, records) == 0
-  assert (root / 'tiny.log').stat().st_size == log_size
-
-
-def test_shipped_row_outlives_its_workdir(tiny_row, tmp_path, monkeypatch,
-                                          capsys):
-  """A shipped row exports its parameters and card; on a machine without
-  its workdir, the robustness row sweeps those and adds to the card."""
-  root, records = tmp_path / 'runs', tmp_path / 'records'
-  shipped = tmp_path / 'pretrained'
-  row = dataclasses.replace(tiny_row, shipped_as='tiny_model')
-  monkeypatch.setitem(campaign.ROWS_BY_NAME, 'tiny', row)
-  sweep = campaign.Row(name='sweep', what='rotations', paper='-',
-                       paper_length='-', robustness_of=('tiny',),
-                       angles='0,90', robustness_examples=40)
-  assert not reproduce.run_row(sweep, root, records, shipped)
-  assert 'waiting for tiny' in capsys.readouterr().out
-
-  assert reproduce.run_queue([row], root, records, shipped) == 0
+  # Shipped: the parameters, their JSON and the model card.
+  test = record['test']
   meta = json.loads((shipped / 'tiny_model.json').read_text())
-  test = json.loads((records / 'tiny.json').read_text())['test']
   assert meta['test_results'] == test
   assert meta['checkpoint_step'] == 8
   card = (shipped / 'tiny_model.md').read_text()
   assert f"test error {100 * test['test_error']:.2f}%" in card
   assert '1 epochs (8 steps)' in card and 'rotated' not in card
+
+  # A finished row is not run again.
+  log_size = (root / 'tiny.log').stat().st_size
+  assert reproduce.run_queue([row], root, records, shipped) == 0
+  assert (root / 'tiny.log').stat().st_size == log_size
 
   shutil.rmtree(root / 'tiny')  # a new machine: the records and shipped
   assert reproduce.run_queue([sweep], root, records, shipped) == 0

@@ -68,6 +68,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
             f'must divide evenly over the {num_processes} processes')
   require(config.num_epochs >= 1 or config.max_steps >= 1, 'num_epochs',
           'must be >= 1 (or set max_steps)')
+  target = config.get('stop_at_validation_accuracy', 0.0)
+  require(isinstance(target, (int, float)) and 0 <= target < 1,
+          'stop_at_validation_accuracy',
+          'must be in [0, 1) (a fraction; 0: no target)')
   for field in ('learning_rate', 'learning_rate_decay_rate',
                 'reconstruction_weight', 'margin_positive', 'margin_negative',
                 'absent_class_weight', 'model.primary_capsule_scale'):

@@ -218,6 +218,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: Path,
       print(f'resumed from the checkpoint at step {int(state.step)}',
             flush=True)
 
+  target = config.get('stop_at_validation_accuracy', 0.0)
+  best_step = checkpoints.best_step() if target else None
+  if (best_step is not None and
+      checkpoints.validation_accuracy(best_step) >= target):
+    # Reached in an earlier run: a resumed run trains no further.
+    total_steps = int(state.step)
+    if jax.process_index() == 0:
+      print(f'validation accuracy reached {target:.2%} at step {best_step} '
+            '(config.stop_at_validation_accuracy): no more training',
+            flush=True)
+
   step_fn = jax.jit(functools.partial(train_step, config=config),
                     donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, apply_fn=state.apply_fn,
@@ -280,6 +291,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: Path,
           'epoch': epoch.state(),
           'train_seconds': train_seconds + time.monotonic() - run_start,
       }, validation_accuracy)
+      if target and validation_accuracy is not None and (
+          validation_accuracy >= target):
+        if jax.process_index() == 0:
+          print(f'validation accuracy {validation_accuracy:.2%} reached '
+                f'{target:.2%} (config.stop_at_validation_accuracy): '
+                f'training stops at step {step}', flush=True)
+        break
   except TrainingDiverged as error:
     checkpoints.wait()
     last = checkpoints.steps()

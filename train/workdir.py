@@ -26,7 +26,8 @@ LOCK_FILE = '.lock'
 # log, where the (verified) data files are, how devices are found, and how a
 # convolution is computed (the same maths).
 CHANGEABLE_FIELDS = frozenset({
-    'num_epochs', 'max_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+    'num_epochs', 'max_steps', 'stop_at_validation_accuracy',
+    'checkpoint_every_steps', 'keep_checkpoints',
     'log_every_steps', 'num_reconstructions', 'eval_batch_size', 'data_dir',
     'tfds_data_dir', 'distributed', 'coordinator_address', 'num_processes',
     'process_id', 'model.conv_method',

@@ -90,6 +90,17 @@ def test_queue_runs_records_ships_and_skips_finished_rows(
   assert 'tiny, rotated test set: 0 deg' in card
   assert f"test error {100 * test['test_error']:.2f}%" in card
 
+  # The docs' table and figures, from the records alone.
+  figures = campaign.docs_figures(records, tmp_path / 'figures', [row, sweep])
+  assert set(figures) == {'curves', 'sweep'}
+  for path in figures.values():
+    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  table = campaign.docs_table(records, [row, sweep], figures={
+      name: f'figures/{path.name}' for name, path in figures.items()})
+  assert '![validation curves](figures/reproduction_curves.png)' in table
+  assert '![sweep](figures/sweep.png)' in table
+  assert '| tiny | ' in table and '| 0 deg | 90 deg | affine |' in table
+
   # Neither a workdir nor shipped parameters: it says what to do.
   (records / 'sweep.json').unlink()
   (shipped / 'tiny_model.npz').unlink()

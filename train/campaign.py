@@ -256,8 +256,56 @@ def _percent(value: float) -> str:
   return f'{100 * value:.2f}%'
 
 
-def docs_table(records: Path, rows: Sequence[Row] = ROWS) -> str:
-  """Markdown: every training record beside the paper, then robustness."""
+def docs_figures(records: Path, directory: Path,
+                 rows: Sequence[Row] = ROWS) -> dict[str, Path]:
+  """The records' figures, written to `directory`: 'curves', the validation
+  error of every finished training row against its epoch, and each
+  robustness row's accuracy against rotation (`<row>.png`).
+
+  Returns:
+    {'curves' or a robustness row's name: the figure's path}, for the
+    figures there was something to draw.
+  """
+  from train import reporting  # pylint: disable=g-import-not-at-top
+  from train import robustness  # pylint: disable=g-import-not-at-top
+  written = {}
+  curves = []
+  for row in rows:
+    path = records / f'{row.name}.json'
+    if not path.exists():
+      continue
+    record = json.loads(path.read_text())
+    if row.robustness_of:
+      directory.mkdir(parents=True, exist_ok=True)
+      written[row.name] = directory / f'{row.name}.png'
+      robustness.plot(record['results'], written[row.name])
+    else:
+      curves.append((row.name, record['validation_curve']))
+  if curves:
+    plt = reporting.pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, curve in curves:
+      epochs, accuracies = zip(*curve)
+      axis.plot(epochs, [100 * (1 - a) for a in accuracies], marker='o',
+                markersize=2, label=name)
+    axis.set_yscale('log')
+    axis.set_xlabel('epoch')
+    axis.set_ylabel('validation error (%)')
+    axis.grid(alpha=0.3, which='both')
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    directory.mkdir(parents=True, exist_ok=True)
+    written['curves'] = directory / 'reproduction_curves.png'
+    figure.savefig(written['curves'], dpi=110)
+    plt.close(figure)
+  return written
+
+
+def docs_table(records: Path, rows: Sequence[Row] = ROWS,
+               figures: dict[str, str] | None = None) -> str:
+  """Markdown: every training record beside the paper, then robustness;
+  `figures` (`docs_figures`' names -> links) are shown below them."""
+  figures = figures or {}
   lines = [
       '| row | what | trained | time | best val. acc. (epoch) | '
       'test error | paper | paper trained |',
@@ -296,6 +344,11 @@ def docs_table(records: Path, rows: Sequence[Row] = ROWS) -> str:
       lines.append(f'| {name} | ' + ' | '.join(
           _percent(by_angle[angle]) for angle in shown)
                    + f" | {_percent(result['affine_accuracy'])} |")
+    if record['row'] in figures:
+      lines += ['', f"![{record['row']}]({figures[record['row']]})"]
+  if 'curves' in figures:
+    lines += ['', 'Validation error of each finished row by epoch:', '',
+              f"![validation curves]({figures['curves']})"]
   if pending:
     lines += ['', 'Not finished yet: ' + ', '.join(pending) + '.']
   return '\n'.join(lines) + '\n'

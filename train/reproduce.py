@@ -20,7 +20,9 @@ its shipped parameters where the workdir is gone (a new machine), and then
 adds its figures to the shipped models' cards. Records and shipped
 parameters are what outlives the machine: commit them.
 `--docs` writes the Markdown table of every record beside the paper's
-figures (`campaign.docs_table`).
+figures (`campaign.docs_table`), and the records' figures (validation
+curves, robustness sweeps: `campaign.docs_figures`) into `figures/` beside
+it.
 """
 
 from __future__ import annotations
@@ -229,8 +231,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   rows = ([campaign.ROWS_BY_NAME[name] for name in names] if names
           else list(campaign.ROWS))
   if args.docs:
-    args.docs.write_text(campaign.docs_table(args.records))
-    print(f'wrote {args.docs}')
+    figures = campaign.docs_figures(args.records,
+                                    args.docs.parent / 'figures')
+    args.docs.write_text(campaign.docs_table(
+        args.records, figures={
+            name: str(path.relative_to(args.docs.parent))
+            for name, path in figures.items()}))
+    print(f'wrote {args.docs}' + ''.join(f', {path}'
+                                         for path in figures.values()))
     return 0
   if args.root is None:
     print('error: --root is required (the folder of the workdirs)',

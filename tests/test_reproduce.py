@@ -35,18 +35,18 @@ def test_queue_runs_records_ships_and_skips_finished_rows(
   card; on a machine without its workdir the robustness row sweeps those
   and adds its figures to the card."""
   root, records = tmp_path / 'runs', tmp_path / 'records'
-  shipped = tmp_path / 'pretrained'
-  row = dataclasses.replace(tiny_row, shipped_as='tiny_model')
+  shipped, drawn = tmp_path / 'pretrained', tmp_path / 'figures'
+  row = dataclasses.replace(tiny_row, shipped_as='tiny_model', figures=True)
   monkeypatch.setitem(campaign.ROWS_BY_NAME, 'tiny', row)
   sweep = campaign.Row(name='sweep', what='rotations', paper='-',
                        paper_length='-', robustness_of=('tiny',),
                        angles='0,90', robustness_examples=40)
   assert reproduce.status_line(row, root, records) == (
       'tiny: pending, no epoch finished yet')
-  assert not reproduce.run_row(sweep, root, records, shipped)
+  assert not reproduce.run_row(sweep, root, records, shipped, drawn)
   assert 'waiting for tiny' in capsys.readouterr().out
 
-  assert reproduce.run_queue([row], root, records, shipped) == 0
+  assert reproduce.run_queue([row], root, records, shipped, drawn) == 0
 
   record = json.loads((records / 'tiny.json').read_text())
   assert record['steps'] == 8 and record['epochs'] == 1
@@ -74,13 +74,17 @@ def test_queue_runs_records_ships_and_skips_finished_rows(
   assert f"test error {100 * test['test_error']:.2f}%" in card
   assert '1 epochs (8 steps)' in card and 'rotated' not in card
 
+  # Its model's figures.
+  assert {path.name for path in (drawn / 'tiny').glob('*.png')} >= {
+      'reconstructions.png', 'perturbation_0.png'}
+
   # A finished row is not run again.
   log_size = (root / 'tiny.log').stat().st_size
-  assert reproduce.run_queue([row], root, records, shipped) == 0
+  assert reproduce.run_queue([row], root, records, shipped, drawn) == 0
   assert (root / 'tiny.log').stat().st_size == log_size
 
   shutil.rmtree(root / 'tiny')  # a new machine: the records and shipped
-  assert reproduce.run_queue([sweep], root, records, shipped) == 0
+  assert reproduce.run_queue([sweep], root, records, shipped, drawn) == 0
   results = json.loads((records / 'sweep.json').read_text())['results']
   assert results['tiny']['source'] == 'pretrained:tiny_model'
   assert results['tiny']['angles'] == [0.0, 90.0]
@@ -91,21 +95,23 @@ def test_queue_runs_records_ships_and_skips_finished_rows(
   assert f"test error {100 * test['test_error']:.2f}%" in card
 
   # The docs' table and figures, from the records alone.
-  figures = campaign.docs_figures(records, tmp_path / 'figures', [row, sweep])
-  assert set(figures) == {'curves', 'sweep'}
+  figures = campaign.docs_figures(records, drawn, [row, sweep])
+  assert {'curves', 'sweep', 'tiny/reconstructions'} <= set(figures)
   for path in figures.values():
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   table = campaign.docs_table(records, [row, sweep], figures={
-      name: f'figures/{path.name}' for name, path in figures.items()})
+      name: str(path.relative_to(tmp_path)) for name, path in figures.items()})
   assert '![validation curves](figures/reproduction_curves.png)' in table
   assert '![sweep](figures/sweep.png)' in table
+  assert ('![tiny/reconstructions](figures/tiny/reconstructions.png)'
+          in table)
   assert '| tiny | ' in table and '| 0 deg | 90 deg | affine |' in table
 
   # Neither a workdir nor shipped parameters: it says what to do.
   (records / 'sweep.json').unlink()
   (shipped / 'tiny_model.npz').unlink()
   capsys.readouterr()
-  assert reproduce.run_queue([sweep], root, records, shipped) == 1
+  assert reproduce.run_queue([sweep], root, records, shipped, drawn) == 1
   assert 'the model of tiny is gone' in capsys.readouterr().out
 
 

@@ -46,6 +46,9 @@ class Row:
     shipped_as: the `train.pretrained` name its parameters are exported as
       when it finishes ('' if they are not shipped); a robustness row
       sweeps these when the workdir is gone.
+    figures: whether its model's figures (`train.figures`: reconstructions,
+      dimension perturbations, MultiMNIST's separated digits) are drawn
+      when it finishes.
   """
 
   name: str
@@ -58,6 +61,7 @@ class Row:
   angles: str = '-90:90:5'
   robustness_examples: int = -1
   shipped_as: str = ''
+  figures: bool = False
 
   def train_command(self, workdir: Path) -> list[str]:
     return [sys.executable, '-m', 'train.main', f'--workdir={workdir}',
@@ -105,7 +109,7 @@ ROWS: tuple[Row, ...] = (
         # 30 epochs fit in one working day of this project's 2-core
         # machines; the learning-rate schedule does not depend on the length,
         # so resuming the workdir with num_epochs=50 extends the same run.
-        overrides=(('num_epochs', 30),), shipped_as='mnist'),
+        overrides=(('num_epochs', 30),), shipped_as='mnist', figures=True),
     Row(name='mnist_lenet5', what='LeNet-5, same data and augmentation',
         paper='98.68% upright, 76.05% at 35 degrees (a tutorial)',
         paper_length='not stated',
@@ -148,7 +152,7 @@ ROWS: tuple[Row, ...] = (
         what='MultiMNIST CapsNet, 3 routing iterations, reconstruction',
         paper='5.2% test error', paper_length='not stated (days on a GPU)',
         config='train/configs/multimnist.py',
-        overrides=(('num_epochs', 10),)),
+        overrides=(('num_epochs', 10),), figures=True),
     Row(name='mnist_efficient_capsnet',
         what='Efficient-CapsNet (self-attention routing, 161,824 '
         'parameters), the official recipe without its extra augmentation',
@@ -260,11 +264,13 @@ def docs_figures(records: Path, directory: Path,
                  rows: Sequence[Row] = ROWS) -> dict[str, Path]:
   """The records' figures, written to `directory`: 'curves', the validation
   error of every finished training row against its epoch, and each
-  robustness row's accuracy against rotation (`<row>.png`).
+  robustness row's accuracy against rotation (`<row>.png`); with those
+  that `python -m train.reproduce` drew from a finished row's model into
+  `directory/<row>/` (`Row.figures`).
 
   Returns:
-    {'curves' or a robustness row's name: the figure's path}, for the
-    figures there was something to draw.
+    {'curves', a robustness row's name, or '<row>/<figure>': the figure's
+    path}, for the figures there are.
   """
   from train import reporting  # pylint: disable=g-import-not-at-top
   from train import robustness  # pylint: disable=g-import-not-at-top
@@ -281,6 +287,9 @@ def docs_figures(records: Path, directory: Path,
       robustness.plot(record['results'], written[row.name])
     else:
       curves.append((row.name, record['validation_curve']))
+      # Drawn from the row's model when it finished (`Row.figures`).
+      for drawn in sorted((directory / row.name).glob('*.png')):
+        written[f'{row.name}/{drawn.stem}'] = drawn
   if curves:
     plt = reporting.pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
@@ -346,6 +355,9 @@ def docs_table(records: Path, rows: Sequence[Row] = ROWS,
                    + f" | {_percent(result['affine_accuracy'])} |")
     if record['row'] in figures:
       lines += ['', f"![{record['row']}]({figures[record['row']]})"]
+  for name, link in figures.items():
+    if '/' in name:
+      lines += ['', f'![{name}]({link})']
   if 'curves' in figures:
     lines += ['', 'Validation error of each finished row by epoch:', '',
               f"![validation curves]({figures['curves']})"]

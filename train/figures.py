@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   splits = input_pipeline.load_source_splits(config)
   _, _, test = input_pipeline.training_data(config, splits)
   examples = test.first(args.num_examples)
-  written = draw_all(restored.model, restored.state.params,
+  written = draw_all(restored.model, restored.params,
                      np.asarray(examples['image']),
                      np.asarray(examples['label']),
                      Path(args.out).expanduser() if args.out else workdir,

@@ -1,7 +1,7 @@
 """The paper's experiments (`campaign.ROWS`) as one resumable queue of runs.
 
     python -m train.reproduce --root=DIR [--rows=NAME,...] [--records=DIR]
-        [--pretrained=DIR]
+        [--pretrained=DIR] [--figures=DIR]
     python -m train.reproduce --root=DIR --status
     python -m train.reproduce --docs=docs/reproduction.md [--records=DIR]
 
@@ -15,10 +15,12 @@ When a row finishes, its record (`campaign.training_record`) goes to
 `--records` (default: `results/` in the repository) as `<row>.json`, and a
 row shipped as a pretrained model (`Row.shipped_as`) is exported to
 `--pretrained` (default: `train/pretrained/` in the repository) with its
-model card. A robustness row sweeps each model from its workdir, or from
-its shipped parameters where the workdir is gone (a new machine), and then
-adds its figures to the shipped models' cards. Records and shipped
-parameters are what outlives the machine: commit them.
+model card, and a row with figures (`Row.figures`) draws them into
+`--figures/<row>/` (default: `docs/figures/` in the repository, where
+`--docs` links them). A robustness row sweeps each model from its workdir,
+or from its shipped parameters where the workdir is gone (a new machine),
+and then adds its figures to the shipped models' cards. Records, shipped
+parameters and figures are what outlives the machine: commit them.
 `--docs` writes the Markdown table of every record beside the paper's
 figures (`campaign.docs_table`), and the records' figures (validation
 curves, robustness sweeps: `campaign.docs_figures`) into `figures/` beside
@@ -41,6 +43,7 @@ from train import workdir as workdir_lib
 
 DEFAULT_RECORDS = campaign.REPO_ROOT / 'results'
 DEFAULT_PRETRAINED = campaign.REPO_ROOT / 'train' / 'pretrained'
+DEFAULT_FIGURES = campaign.REPO_ROOT / 'docs' / 'figures'
 
 
 # ---------------------------------------------------------------------------
@@ -140,9 +143,11 @@ def _call(command: Sequence[str], log: Path) -> int:
 
 
 def run_row(row: campaign.Row, root: Path, records: Path,
-            pretrained: Path = DEFAULT_PRETRAINED) -> bool:
+            pretrained: Path = DEFAULT_PRETRAINED,
+            figures: Path = DEFAULT_FIGURES) -> bool:
   """Runs (or resumes) one row to its end; writes its record (and, for a
-  shipped row, its parameters and model card). True if it finished."""
+  shipped row, its parameters and model card; for a row with figures,
+  `figures/<row>/*.png`). True if it finished."""
   workdir = root / row.name
   log = root / f'{row.name}.log'
   if row.robustness_of:
@@ -184,6 +189,12 @@ def run_row(row: campaign.Row, root: Path, records: Path,
                if campaign.ROWS_BY_NAME[name].shipped_as and
                (pretrained / f'{campaign.ROWS_BY_NAME[name].shipped_as}'
                 '.json').exists()]
+  if row.figures:
+    code = _call([sys.executable, '-m', 'train.figures', f'--workdir={workdir}',
+                  f'--out={figures / row.name}'], log)
+    print(f'{row.name}: ' + (f'figures in {figures / row.name}' if code == 0
+                             else f'figures failed (exit {code}); see {log}'),
+          flush=True)
   for name, arguments in exports:
     code = _call([sys.executable, '-m', 'train.pretrained', f'--name={name}',
                   f'--out={pretrained}', *arguments], log)
@@ -194,13 +205,14 @@ def run_row(row: campaign.Row, root: Path, records: Path,
 
 
 def run_queue(rows: Sequence[campaign.Row], root: Path, records: Path,
-              pretrained: Path = DEFAULT_PRETRAINED) -> int:
+              pretrained: Path = DEFAULT_PRETRAINED,
+              figures: Path = DEFAULT_FIGURES) -> int:
   failed = []
   for row in rows:
     if (records / f'{row.name}.json').exists():
       continue
     root.mkdir(parents=True, exist_ok=True)
-    if not run_row(row, root, records, pretrained):
+    if not run_row(row, root, records, pretrained, figures):
       failed.append(row.name)
   return 1 if failed else 0
 
@@ -214,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='folder of the finished rows\' records')
   parser.add_argument('--pretrained', type=Path, default=DEFAULT_PRETRAINED,
                       help='folder of the shipped models\' parameters')
+  parser.add_argument('--figures', type=Path, default=DEFAULT_FIGURES,
+                      help='folder of the rows\' drawn figures (the docs\' '
+                      'figures/)')
   parser.add_argument('--rows', default='',
                       help='comma-separated row names (default: all)')
   parser.add_argument('--status', action='store_true',
@@ -250,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(status_line(row, root, args.records))
     return 0
   return run_queue(rows, root, args.records.expanduser().absolute(),
-                   args.pretrained.expanduser().absolute())
+                   args.pretrained.expanduser().absolute(),
+                   args.figures.expanduser().absolute())
 
 
 if __name__ == '__main__':

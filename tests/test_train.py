@@ -338,25 +338,6 @@ def test_train_and_evaluate_end_to_end(runs, tmp_path):
   assert checkpoint_steps(tmp_path) == {10, 12, results['checkpoint_step']}
 
 
-def test_training_stops_at_the_validation_target_and_stays_stopped(
-    runs, tmp_path, capsys):
-  config = multidevice_worker.make_config(
-      {**SMALL, **runs.data, 'stop_at_validation_accuracy': 0.01})
-  results = train.train_and_evaluate(config, str(tmp_path))
-  # The first epoch (8 steps) reaches 1% on validation: no step after it.
-  assert [record['step'] for record in read_records(tmp_path, 'epoch')] == [8]
-  assert results['checkpoint_step'] == 8
-  assert max(checkpoint_steps(tmp_path)) == 8
-  assert 'training stops at step 8' in capsys.readouterr().out
-
-  # Run again (a queue restarted after a kill): nothing more is trained.
-  again = train.train_and_evaluate(config, str(tmp_path))
-  assert 'reached 1.00% at step 8' in capsys.readouterr().out
-  assert max(checkpoint_steps(tmp_path)) == 8
-  assert again['checkpoint_step'] == 8
-  assert again['test_accuracy'] == results['test_accuracy']
-
-
 # ---------------------------------------------------------------------------
 # 2. Kill and resume; an unreadable checkpoint.
 
@@ -628,6 +609,24 @@ def test_tied_validation_accuracy_tests_a_kept_checkpoint(runs):
   assert results['checkpoint_step'] == STEPS
   assert results['checkpoint_step'] in checkpoint_steps(workdir)
   assert 'test of the best checkpoint' in run.stdout
+
+
+def test_training_stops_at_the_validation_target_and_stays_stopped(runs):
+  workdir = runs.workdir('target')
+  target = {'stop_at_validation_accuracy': 0.01}
+  run = runs.main('target', target, workdir).succeeded()
+  # The first epoch (8 steps) reaches 1% on validation: no step after it.
+  assert [record['step'] for record in read_records(workdir, 'epoch')] == [8]
+  results = json.loads((workdir / 'test_results.json').read_text())
+  assert results['checkpoint_step'] == 8
+  assert max(checkpoint_steps(workdir)) == 8
+  assert 'training stops at step 8' in run.stdout
+
+  # Run again (a queue restarted after a kill): nothing more is trained.
+  again = runs.main('target_again', target, workdir).succeeded()
+  assert 'reached 1.00% at step 8' in again.stdout
+  assert max(checkpoint_steps(workdir)) == 8
+  assert json.loads((workdir / 'test_results.json').read_text()) == results
 
 
 def test_non_finite_loss_stops_before_saving(runs):

@@ -320,9 +320,7 @@ def describe_machine(machine: dict[str, Any]) -> str:
   return (f"{machine['cpu_model']} (flags: {flags}), "
           f"{machine['cpus_usable']} usable cores, "
           f"jax {machine['jax']} / jaxlib {machine['jaxlib']} on "
-          f"{machine['backend']} ({machine['device_kind']}){allocator}, "
-          f"load average "
-          f"{', '.join(f'{x:.2f}' for x in machine['loadavg'])}")
+          f"{machine['backend']} ({machine['device_kind']}){allocator}")
 
 
 # ---------------------------------------------------------------------------

@@ -182,13 +182,12 @@ def run_row(row: campaign.Row, root: Path, records: Path,
     exports = [(row.shipped_as, [f'--workdir={workdir}',
                                  f'--record={record_path}'])]
   else:  # a robustness row: its figures go into the shipped models' cards
-    exports = [(campaign.ROWS_BY_NAME[name].shipped_as,
-                [f'--record={records / (name + ".json")}',
-                 f'--robustness={record_path}'])
-               for name in row.robustness_of
-               if campaign.ROWS_BY_NAME[name].shipped_as and
-               (pretrained / f'{campaign.ROWS_BY_NAME[name].shipped_as}'
-                '.json').exists()]
+    exports = []
+    for name in row.robustness_of:
+      shipped_as = campaign.ROWS_BY_NAME[name].shipped_as
+      if shipped_as and (pretrained / f'{shipped_as}.json').exists():
+        exports.append((shipped_as, [f'--record={records / (name + ".json")}',
+                                     f'--robustness={record_path}']))
   if row.figures:
     code = _call([sys.executable, '-m', 'train.figures', f'--workdir={workdir}',
                   f'--out={figures / row.name}'], log)

@@ -246,6 +246,12 @@ def _complex_matmul(lhs_real: jax.Array, lhs_imag: jax.Array,
   return p - r, p + q
 
 
+def _fourier_grid(out_height: int, out_width: int, size: int,
+                  stride: int) -> tuple[int, int]:
+  """`(N_h, N_w)`: the input window the strided outputs read."""
+  return stride * (out_height - 1) + size, stride * (out_width - 1) + size
+
+
 def conv2d_fourier(images: jax.Array, kernel: jax.Array, stride: int = 1,
                    compute_dtype: jnp.dtype | None = None) -> jax.Array:
   """VALID 2-D convolution (cross-correlation) by the convolution theorem.
@@ -289,8 +295,7 @@ def conv2d_fourier(images: jax.Array, kernel: jax.Array, stride: int = 1,
   batch, height, width, in_channels = images.shape
   size, _, _, out_channels = kernel.shape
   out_height, out_width = output_shape(height, width, size, stride)
-  grid_height = stride * (out_height - 1) + size
-  grid_width = stride * (out_width - 1) + size
+  grid_height, grid_width = _fourier_grid(out_height, out_width, size, stride)
   # Frequencies: half the rows u (Hermitian symmetry), all columns v.
   rows_u = np.arange(grid_height // 2 + 1)
   columns_v = np.arange(grid_width)
@@ -371,8 +376,8 @@ def fourier_product_ratio(height: int, width: int, kernel_size: int,
   with `N = stride * (out - 1) + size` the grid the strided outputs read,
   and three real products per complex one."""
   out_height, out_width = output_shape(height, width, kernel_size, stride)
-  grid_height = stride * (out_height - 1) + kernel_size
-  grid_width = stride * (out_width - 1) + kernel_size
+  grid_height, grid_width = _fourier_grid(out_height, out_width, kernel_size,
+                                          stride)
   frequencies = (grid_height // 2 + 1) * grid_width
   return kernel_size**2 * out_height * out_width / (3 * frequencies)
 

@@ -106,10 +106,11 @@ ROWS: tuple[Row, ...] = (
         what='MNIST CapsNet, 3 routing iterations, reconstruction (the '
         "paper's setup)",
         paper='0.25% test error', paper_length=PAPER_50_EPOCHS,
-        # 30 epochs fit in one working day of this project's 2-core
-        # machines; the learning-rate schedule does not depend on the length,
-        # so resuming the workdir with num_epochs=50 extends the same run.
-        overrides=(('num_epochs', 30),), shipped_as='mnist', figures=True),
+        # The paper's length. Its validation accuracy still rose between
+        # epochs 20 and 30 (99.42-99.62%), and the learning-rate schedule
+        # does not depend on the length, so a workdir that trained 30 epochs
+        # goes on to 50 as the same run.
+        overrides=(('num_epochs', 50),), shipped_as='mnist', figures=True),
     Row(name='mnist_lenet5', what='LeNet-5, same data and augmentation',
         paper='98.68% upright, 76.05% at 35 degrees (a tutorial)',
         paper_length='not stated',

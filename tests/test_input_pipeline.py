@@ -297,6 +297,34 @@ def test_eval_process_slices_make_up_the_batches():
           np.concatenate([host[index][key] for host in hosts]), batch[key])
 
 
+@pytest.mark.parametrize('per_stack', [1, 3, 7, 20])
+def test_stacked_batches_keep_every_example_once_in_order(per_stack):
+  images, labels = id_dataset(num_examples=103)
+  batches = list(batching.eval_batches(images, labels, 16))  # 7 batches
+  stacks = list(batching.stacked_batches(batches, per_stack))
+  assert len(stacks) == -(-len(batches) // per_stack)
+  for stack in stacks:
+    assert stack['image'].shape == (per_stack, 16, 6, 6, 1)
+    assert stack['label'].shape == stack['mask'].shape == (per_stack, 16)
+  mask = np.concatenate([stack['mask'].ravel() for stack in stacks])
+  real = np.concatenate([stack['label'].ravel() for stack in stacks])
+  np.testing.assert_array_equal(real[mask == 1], labels)
+  # The completing batches are all padding.
+  padding = len(stacks) * per_stack - len(batches)
+  if padding:
+    assert not stacks[-1]['mask'][-padding:].any()
+    assert not stacks[-1]['image'][-padding:].any()
+
+
+def test_stacked_batches_refuse_training_batches_and_empty_stacks():
+  images, labels = id_dataset(num_examples=32)
+  with pytest.raises(ValueError, match='mask'):
+    list(batching.stacked_batches([{'image': images, 'label': labels}], 2))
+  with pytest.raises(ValueError, match='per_stack'):
+    list(batching.stacked_batches(
+        batching.eval_batches(images, labels, 16), 0))
+
+
 # ---------------------------------------------------------------------------
 # prefetch.
 

@@ -16,6 +16,7 @@ CPU). Runs compared with each other all use the same flags.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -34,6 +35,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from train import batching
+from train import models
+from train import parallel as parallel_lib
 from train import reporting
 from train import train
 
@@ -805,3 +809,26 @@ def test_progress_counts_completed_steps_not_queued_ones(capsys, monkeypatch):
   # Between prints it neither waits nor prints.
   progress.update(4, step_outputs=_PendingStep(events))
   assert events == ['waited for the step', 'printed']
+
+
+def test_evaluation_is_the_same_in_stacks_of_any_size():
+  """`evaluate` runs `config.eval_batches_per_call` batches per compiled
+  call; the stacks' completing batches of padding count for nothing."""
+  config = multidevice_worker.make_config(SMALL)
+  state = train.create_train_state(config, (28, 28, 1))
+  rng = np.random.default_rng(0)
+  examples = batching.Examples(  # 100 examples: 3 batches of 40.
+      rng.random((100, 28, 28, 1), np.float32),
+      rng.integers(0, 10, 100).astype(np.int32))
+  eval_fn = jax.jit(functools.partial(train.eval_steps,
+                                      apply_fn=state.apply_fn, config=config))
+  results = {}
+  for per_call in (1, 2, 8):  # 8: all 3 batches in one call.
+    config.eval_batches_per_call = per_call
+    results[per_call] = train.evaluate(eval_fn, models.variables(state),
+                                       examples, config,
+                                       parallel_lib.DataParallel())
+  for per_call, metrics in results.items():
+    assert metrics['count'] == 100, per_call
+    assert metrics == pytest.approx(results[1], rel=1e-5), per_call
+  assert 0 < results[1]['accuracy'] < 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -172,6 +173,28 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
     batch = pad_batch({'image': images[start:start + batch_size],
                        'label': labels[start:start + batch_size]}, batch_size)
     yield {name: value[rows_of_host] for name, value in batch.items()}
+
+
+def stacked_batches(batches: Iterable[Batch], per_stack: int
+                    ) -> Iterator[Batch]:
+  """`per_stack` consecutive evaluation batches at a time, every array
+  stacked to `(per_stack, batch, ...)`.
+
+  The last stack is completed with batches of zeros, whose `mask` of 0
+  leaves them out of every metric; so every stack has the same shape (one
+  compilation).
+  """
+  if per_stack < 1:
+    raise ValueError(f'per_stack must be >= 1, not {per_stack}')
+  iterator = iter(batches)
+  while group := list(itertools.islice(iterator, per_stack)):
+    if 'mask' not in group[0]:
+      raise ValueError('stacked_batches needs evaluation batches, with a '
+                       "'mask' (pad_batch)")
+    padding = {name: np.zeros_like(value) for name, value in group[0].items()}
+    group += [padding] * (per_stack - len(group))
+    yield {name: np.stack([batch[name] for batch in group])
+           for name in group[0]}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

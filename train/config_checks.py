@@ -66,6 +66,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
             f'must divide evenly over the {num_devices} devices')
     require(config[field] % num_processes == 0, field,
             f'must divide evenly over the {num_processes} processes')
+  require(config.eval_batches_per_call >= 1, 'eval_batches_per_call',
+          'must be >= 1')
   require(config.num_epochs >= 1 or config.max_steps >= 1, 'num_epochs',
           'must be >= 1 (or set max_steps)')
   target = config.get('stop_at_validation_accuracy', 0.0)

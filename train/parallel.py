@@ -77,6 +77,8 @@ class DataParallel:
   def __init__(self):
     self.mesh = Mesh(np.array(jax.devices()), ('data',))
     self.batch = NamedSharding(self.mesh, PartitionSpec('data'))
+    # `(stack, batch, ...)` arrays of `batching.stacked_batches`.
+    self.stacked_batch = NamedSharding(self.mesh, PartitionSpec(None, 'data'))
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
 
   def global_batch(self, local_batch: dict[str, np.ndarray]):
@@ -84,6 +86,13 @@ class DataParallel:
     return {
         name: jax.make_array_from_process_local_data(self.batch, value)
         for name, value in local_batch.items()
+    }
+
+  def global_stacked_batch(self, local_stack: dict[str, np.ndarray]):
+    """`global_batch` of stacked batches: this process's rows of each."""
+    return {
+        name: jax.make_array_from_process_local_data(self.stacked_batch, value)
+        for name, value in local_stack.items()
     }
 
   def replicate(self, host_array: np.ndarray) -> jax.Array:

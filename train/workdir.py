@@ -28,7 +28,8 @@ LOCK_FILE = '.lock'
 CHANGEABLE_FIELDS = frozenset({
     'num_epochs', 'max_steps', 'stop_at_validation_accuracy',
     'checkpoint_every_steps', 'keep_checkpoints',
-    'log_every_steps', 'num_reconstructions', 'eval_batch_size', 'data_dir',
+    'log_every_steps', 'num_reconstructions', 'eval_batch_size',
+    'eval_batches_per_call', 'data_dir',
     'tfds_data_dir', 'distributed', 'coordinator_address', 'num_processes',
     'process_id', 'model.conv_method',
 })

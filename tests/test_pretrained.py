@@ -102,3 +102,22 @@ def test_shipped_model_classifies_real_test_digits(name, mnist_idx_dir):
   # deviations (and a few digits, for the test set's uneven difficulty).
   expected = test['test_error'] * count
   assert errors <= expected + 3 * np.sqrt(expected) + 3, (errors, expected)
+
+
+def test_predictions_do_not_depend_on_the_batches_per_call(mnist_idx_dir):
+  """`make_predict` runs several batches per compiled call; the completing
+  batches of padding and the padded rows are dropped."""
+  restored = pretrained.restore('lenet5')
+  spec = datasets.KNOWN_IDX_FILES['mnist']
+  images, _ = datasets.read_idx_split(
+      mnist_idx_dir / spec['test_images'].filename,
+      mnist_idx_dir / spec['test_labels'].filename)
+  images = tfds_splits.to_float_images(images[:10])
+  direct = np.asarray(models.class_scores(
+      restored.model.apply(restored.variables, images)).argmax(-1))
+  for batches_per_call in (1, 2, 8):  # 3 batches of 4: padded stacks too.
+    predict = trained.make_predict(restored, batch_size=4,
+                                   batches_per_call=batches_per_call)
+    np.testing.assert_array_equal(predict(images), direct,
+                                  err_msg=str(batches_per_call))
+  assert trained.make_predict(restored)(images[:0]).shape == (0,)

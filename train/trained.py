@@ -88,22 +88,31 @@ def restore_best(workdir: str | Path) -> Restored:
                   state)
 
 
-def make_predict(restored: Restored, batch_size: int = 250):
-  """images (N, H, W, C) numpy -> (N,) predicted classes, in batches."""
+def make_predict(restored: Restored, batch_size: int = 250,
+                 batches_per_call: int = 8):
+  """images (N, H, W, C) numpy -> (N,) predicted classes, in batches.
+
+  `batches_per_call` batches go through each compiled call, as in
+  `train.evaluate`: what depends only on the parameters is computed once a
+  call.
+  """
   apply_fn, variables = restored.model.apply, restored.variables
 
   @jax.jit
-  def scores(variables, images):
-    return models.class_scores(apply_fn(variables, images))
+  def scores(variables, stacked_images):
+    return jax.lax.map(
+        lambda images: models.class_scores(apply_fn(variables, images)),
+        stacked_images)
 
   def predict(images: np.ndarray) -> np.ndarray:
-    predictions = []
-    for start in range(0, len(images), batch_size):
-      chunk = images[start:start + batch_size]
-      padded = batching.pad_batch({'image': chunk}, batch_size)['image']
-      predictions.append(np.argmax(np.asarray(scores(variables, padded)),
-                                   -1)[:len(chunk)])
-    return (np.concatenate(predictions) if predictions else
+    num_batches = batching.num_eval_batches(len(images), batch_size)
+    stacks = batching.stacked_batches(
+        batching.eval_batches(images, np.zeros(len(images), np.int32),
+                              batch_size),
+        max(1, min(batches_per_call, num_batches)))
+    predictions = [np.argmax(np.asarray(scores(variables, stack['image'])),
+                             -1).ravel() for stack in stacks]
+    return (np.concatenate(predictions)[:len(images)] if predictions else
             np.zeros((0,), np.int64))
 
   return predict

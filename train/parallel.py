@@ -83,18 +83,18 @@ class DataParallel:
 
   def global_batch(self, local_batch: dict[str, np.ndarray]):
     """This process's rows -> one global array per field, sharded."""
-    return {
-        name: jax.make_array_from_process_local_data(self.batch, value)
-        for name, value in local_batch.items()
-    }
+    return _global_arrays(self.batch, local_batch)
 
   def global_stacked_batch(self, local_stack: dict[str, np.ndarray]):
     """`global_batch` of stacked batches: this process's rows of each."""
-    return {
-        name: jax.make_array_from_process_local_data(self.stacked_batch, value)
-        for name, value in local_stack.items()
-    }
+    return _global_arrays(self.stacked_batch, local_stack)
 
   def replicate(self, host_array: np.ndarray) -> jax.Array:
     """The same host array on every process -> replicated global array."""
     return jax.make_array_from_process_local_data(self.replicated, host_array)
+
+
+def _global_arrays(sharding: NamedSharding,
+                   local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  return {name: jax.make_array_from_process_local_data(sharding, value)
+          for name, value in local.items()}

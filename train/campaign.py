@@ -75,6 +75,8 @@ class Row:
 PAPER_50_EPOCHS = '50 epochs in the best public reproductions'
 AFFNIST_TARGET = 0.992
 ABLATION_EPOCHS = 10
+# 55,000 training digits (5,000 held out) in batches of 128.
+MNIST_STEPS_PER_EPOCH = 55_000 // 128
 
 
 def _ablation_rows() -> list[Row]:
@@ -133,6 +135,17 @@ ROWS: tuple[Row, ...] = (
         robustness_of=('mnist_r3_recon', 'mnist_lenet5',
                        'mnist_baseline_cnn'),
         angles='0:90:5', robustness_examples=5000),
+    Row(name='mnist_r3_recon_decay_per_epoch',
+        what="row 1 with the Keras port's schedule: the learning rate x0.9 "
+        'every epoch (x0.04 after 30)',
+        paper='0.25% test error (the Keras port: 0.34%, mean of 3)',
+        paper_length=PAPER_50_EPOCHS,
+        # Row 1's validation accuracy plateaus from epoch 13 while the
+        # official schedule keeps 0.65 of the learning rate at epoch 50;
+        # this one anneals, and is nearly still by epoch 30.
+        overrides=(('num_epochs', 30),
+                   ('learning_rate_decay_rate', 0.9),
+                   ('learning_rate_decay_steps', MNIST_STEPS_PER_EPOCH))),
     *_ablation_rows(),
     Row(name='affnist_capsnet',
         what='CapsNet trained on MNIST at random places on 40x40, tested '

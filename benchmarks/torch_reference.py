@@ -316,8 +316,7 @@ def main(argv=None) -> dict:
   print(
       f"torch {torch.__version__}, threads={torch.get_num_threads()},"
       f" batch={args.batch_size}, steps={args.steps}, warmup={args.warmup},"
-      f" cpu_capability={torch.backends.cpu.get_cpu_capability()},"
-      f" loadavg={load_start}",
+      f" cpu_capability={torch.backends.cpu.get_cpu_capability()}",
       flush=True,
   )
   results = {}
@@ -336,7 +335,6 @@ def main(argv=None) -> dict:
         f"{prec:<10} {r['median_step_s']:8.3f} {r['min_step_s']:8.3f} "
         f"{r['max_step_s']:8.3f} {r['images_per_s']:9.1f}"
     )
-  print(f"loadavg start={load_start} end={load_end}")
 
   report = {
       "torch_version": torch.__version__,

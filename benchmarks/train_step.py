@@ -440,11 +440,15 @@ def run_torch(args, precisions: list[str]) -> dict[str, Any]:
            else precisions[0])
   with tempfile.TemporaryDirectory(prefix='capsjax_torch_') as directory:
     out = Path(directory) / 'torch.json'
-    command = [args.torch_python, str(TORCH_SCRIPT),
-               '--batch-size', str(args.batch_size), '--steps',
+    options = ['--batch-size', str(args.batch_size), '--steps',
                str(args.steps), '--warmup', str(args.warmup), '--precision',
-               which, '--threads', str(args.threads), '--out', str(out)]
-    print('running ' + ' '.join(command), flush=True)
+               which, '--threads', str(args.threads)]
+    command = [args.torch_python, str(TORCH_SCRIPT), *options, '--out',
+               str(out)]
+    # As printed and recorded: no path of this machine.
+    shown = [Path(args.torch_python).name,
+             str(TORCH_SCRIPT.relative_to(TORCH_SCRIPT.parents[1])), *options]
+    print('running ' + ' '.join(shown), flush=True)
     try:
       # The same allocator settings as this process: like for like.
       environment = dict(os.environ)
@@ -459,9 +463,10 @@ def run_torch(args, precisions: list[str]) -> dict[str, Any]:
                        f'{process.returncode}):\n{process.stdout[-2000:]}\n'
                        f'{process.stderr[-4000:]}')
     summary = process.stdout[process.stdout.find('summary'):]
-    print('PyTorch ' + summary.strip())
+    print('PyTorch ' + '\n'.join(line for line in summary.strip().splitlines()
+                                  if not line.startswith('wrote ')))
     report = json.loads(out.read_text())
-  report['command'] = command
+  report['command'] = shown
   return report
 
 

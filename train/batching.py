@@ -175,6 +175,12 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
     yield {name: value[rows_of_host] for name, value in batch.items()}
 
 
+def stack_size(num_examples: int, batch_size: int, per_stack: int) -> int:
+  """`per_stack`, but no more than the evaluation batches of
+  `num_examples` (a small set is not padded to a large stack), and >= 1."""
+  return max(1, min(per_stack, num_eval_batches(num_examples, batch_size)))
+
+
 def stacked_batches(batches: Iterable[Batch], per_stack: int
                     ) -> Iterator[Batch]:
   """`per_stack` consecutive evaluation batches at a time, every array

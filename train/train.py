@@ -131,9 +131,8 @@ def evaluate(eval_fn, variables, examples,
              parallel: parallel_lib.DataParallel) -> Metrics:
   """Mean metrics over every example (the last partial batch included);
   `eval_fn` is the jitted `eval_steps`."""
-  num_batches = batching.num_eval_batches(len(examples),
-                                          config.eval_batch_size)
-  per_call = max(1, min(config.eval_batches_per_call, num_batches))
+  per_call = batching.stack_size(len(examples), config.eval_batch_size,
+                                 config.eval_batches_per_call)
   totals: dict[str, float] = {}
   for stack in batching.stacked_batches(
       examples.batches(config.eval_batch_size, jax.process_index(),

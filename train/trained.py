@@ -105,11 +105,10 @@ def make_predict(restored: Restored, batch_size: int = 250,
         stacked_images)
 
   def predict(images: np.ndarray) -> np.ndarray:
-    num_batches = batching.num_eval_batches(len(images), batch_size)
     stacks = batching.stacked_batches(
         batching.eval_batches(images, np.zeros(len(images), np.int32),
                               batch_size),
-        max(1, min(batches_per_call, num_batches)))
+        batching.stack_size(len(images), batch_size, batches_per_call))
     predictions = [np.argmax(np.asarray(scores(variables, stack['image'])),
                              -1).ravel() for stack in stacks]
     return (np.concatenate(predictions)[:len(images)] if predictions else

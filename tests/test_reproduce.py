@@ -143,3 +143,10 @@ def test_rows_are_valid_and_unknown_rows_refused(capsys):
       assert names.index(name) < names.index(row.name)
   assert reproduce.main(['--root=/nonexistent', '--rows=nope']) == 2
   assert 'unknown row(s) nope' in capsys.readouterr().err
+
+
+def test_robustness_record_names_swept_workdirs_under_the_root(tmp_path):
+  results = {'a': {'source': str(tmp_path / 'row_a')},
+             'b': {'source': 'pretrained:tiny_model'}}
+  assert reproduce._sources_under_root(results, tmp_path) == {
+      'a': {'source': 'ROOT/row_a'}, 'b': {'source': 'pretrained:tiny_model'}}

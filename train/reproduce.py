@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from train import campaign
 from train import workdir as workdir_lib
@@ -173,7 +173,9 @@ def run_row(row: campaign.Row, root: Path, records: Path,
     record = {'row': row.name, 'what': row.what, 'paper': row.paper,
               'commit': campaign.commit(), 'machine': campaign.machine(),
               'hours': (time.monotonic() - start) / 3600,
-              'results': json.loads((workdir / 'robustness.json').read_text())}
+              'results': _sources_under_root(
+                  json.loads((workdir / 'robustness.json').read_text()),
+                  root)}
   else:
     record = campaign.training_record(row, workdir)
   campaign.write_json(record_path, record)
@@ -201,6 +203,17 @@ def run_row(row: campaign.Row, root: Path, records: Path,
                              else f'exporting {name} failed (exit {code}); '
                              f'see {log}'), flush=True)
   return True
+
+
+def _sources_under_root(results: dict[str, Any], root: Path
+                        ) -> dict[str, Any]:
+  """A robustness record names the workdirs it swept as `ROOT/<row>`: the
+  queue's root is a path of one machine."""
+  for result in results.values():
+    source = Path(result['source'])
+    if source.is_relative_to(root):
+      result['source'] = str(Path('ROOT') / source.relative_to(root))
+  return results
 
 
 def run_queue(rows: Sequence[campaign.Row], root: Path, records: Path,

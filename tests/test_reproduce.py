@@ -62,7 +62,8 @@ def test_queue_runs_records_ships_and_skips_finished_rows(
                     f"{100 * record['test']['test_error']:.2f}% (paper: "
                     '0.25% test error)')
   table = campaign.docs_table(records, [row])
-  assert '| tiny | a tiny CapsNet | 1 epochs (8 steps) |' in table
+  assert ('| tiny | a tiny CapsNet | 1 epochs (8 steps, 64 images seen) |'
+          in table)
   assert '0.25% test error' in table
 
   # Shipped: the parameters, their JSON and the model card.
@@ -113,6 +114,42 @@ def test_queue_runs_records_ships_and_skips_finished_rows(
   capsys.readouterr()
   assert reproduce.run_queue([sweep], root, records, shipped, drawn) == 1
   assert 'the model of tiny is gone' in capsys.readouterr().out
+
+
+def _write_record(records, row, test_error, dataset='mnist'):
+  """A finished row's record, as `campaign.training_record` writes it."""
+  campaign.write_json(records / f'{row.name}.json', {
+      'row': row.name, 'steps': 4290, 'epochs': 10, 'train_hours': 0.5,
+      'machine': {'cpu_count': 2, 'cpu': 'CPU'}, 'best_epoch': 9,
+      'validation_curve': [[9, 0.995], [10, 0.994]],
+      'test': {'test_error': test_error, 'test_accuracy': 1 - test_error},
+      'config': {'batch_size': 128, 'dataset': dataset}})
+
+
+def test_table_summarises_seeds_and_names_other_test_sets(tmp_path):
+  """Rows of one setting get its mean +- sample std over finished seeds;
+  a row tested on another set says which; MultiMNIST counts pairs."""
+  rows = [row for row in campaign.ROWS
+          if row.name.startswith(('ablation_r1_recon', 'ablation_r3_recon'))
+          or row.name in ('affnist_capsnet', 'multimnist_capsnet')]
+  errors = {'ablation_r1_recon_seed0': 0.0030,
+            'ablation_r1_recon_seed1': 0.0034,
+            'ablation_r1_recon_seed2': 0.0026,
+            'ablation_r3_recon_seed1': 0.0031,
+            'affnist_capsnet': 0.21, 'multimnist_capsnet': 0.08}
+  for row in rows:
+    if row.name in errors:
+      _write_record(tmp_path, row, errors[row.name],
+                    'multimnist' if 'multimnist' in row.name else 'mnist')
+  table = campaign.docs_table(tmp_path, rows)
+  assert ('| 1 routing iteration(s), with reconstruction | 3 | 0.30% +- '
+          '0.040 | 0.30%, 0.34%, 0.26% | 10 epochs (4290 steps, 549,120 '
+          'images seen) | 0.29% +- 0.011 test error |') in table
+  assert ('| 3 routing iteration(s), with reconstruction | 1 | 0.31% (one '
+          'seed) | 0.31% |') in table
+  assert '| 21.00% on the affine test set | 79% affNIST accuracy |' in table
+  assert '549,120 pairs seen' in table
+  assert 'Not finished yet: ablation_r3_recon_seed0, ablation_r3_recon_seed2.' in table
 
 
 def test_status_of_running_and_stopped_rows(tiny_row, tmp_path):

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,11 @@ class Row:
     figures: whether its model's figures (`train.figures`: reconstructions,
       dimension perturbations, MultiMNIST's separated digits) are drawn
       when it finishes.
+    seeds_of: the setting whose seeds it is one of (rows of one setting
+      differ only in their seed): the docs give each setting's mean and
+      standard deviation over its finished seeds.
+    test_set: what its test set is, where it is not the dataset's own
+      (e.g. the affine set after training on translated MNIST).
   """
 
   name: str
@@ -62,6 +68,8 @@ class Row:
   robustness_examples: int = -1
   shipped_as: str = ''
   figures: bool = False
+  seeds_of: str = ''
+  test_set: str = ''
 
   def train_command(self, workdir: Path) -> list[str]:
     return [sys.executable, '-m', 'train.main', f'--workdir={workdir}',
@@ -74,6 +82,7 @@ class Row:
 
 PAPER_50_EPOCHS = '50 epochs in the best public reproductions'
 AFFNIST_TARGET = 0.992
+AFFINE_TEST_SET = 'the affine test set'
 ABLATION_EPOCHS = 10
 # 55,000 training digits (5,000 held out) in batches of 128.
 MNIST_STEPS_PER_EPOCH = 55_000 // 128
@@ -94,6 +103,8 @@ def _ablation_rows() -> list[Row]:
                 f'seed {seed}, {ABLATION_EPOCHS} epochs'),
           paper=f'{paper[iterations, reconstruction]} test error',
           paper_length='not stated (3 trials each)',
+          seeds_of=(f'{iterations} routing iteration(s), '
+                    f"{'with' if reconstruction else 'no'} reconstruction"),
           overrides=(('num_epochs', ABLATION_EPOCHS),
                      ('routing_iterations', iterations),
                      ('reconstruction_weight',
@@ -152,6 +163,7 @@ ROWS: tuple[Row, ...] = (
         'on the affine set',
         paper='79% affNIST accuracy', paper_length='until 99.2% on '
         'expanded MNIST', config='train/configs/affnist.py',
+        test_set=AFFINE_TEST_SET,
         # The protocol: train until 99.2% on translated digits (here the
         # held-out validation ones), then test on the affine set.
         overrides=(('num_epochs', 20),
@@ -160,6 +172,7 @@ ROWS: tuple[Row, ...] = (
         what='the baseline CNN under the affNIST protocol',
         paper='66% affNIST accuracy', paper_length='until 99.2% on '
         'expanded MNIST', config='train/configs/affnist.py:baseline_cnn',
+        test_set=AFFINE_TEST_SET,
         overrides=(('num_epochs', 10),
                    ('stop_at_validation_accuracy', AFFNIST_TARGET))),
     Row(name='multimnist_capsnet',
@@ -274,6 +287,24 @@ def _percent(value: float) -> str:
   return f'{100 * value:.2f}%'
 
 
+def _mean_std(values: Sequence[float]) -> str:
+  """'mean% +- std%' (sample standard deviation); the mean alone for one."""
+  mean = statistics.fmean(values)
+  if len(values) < 2:
+    return f'{_percent(mean)} (one seed)'
+  return f'{_percent(mean)} +- {100 * statistics.stdev(values):.3f}'
+
+
+def _trained(record: dict[str, Any]) -> str:
+  """How long a row trained: epochs, steps, and the examples seen (image
+  pairs on MultiMNIST)."""
+  config = record['config']
+  seen = record['steps'] * config['batch_size']
+  kind = 'pairs' if config.get('dataset') == 'multimnist' else 'images'
+  return (f"{record['epochs']:g} epochs ({record['steps']} steps, "
+          f'{seen:,} {kind} seen)')
+
+
 def docs_figures(records: Path, directory: Path,
                  rows: Sequence[Row] = ROWS) -> dict[str, Path]:
   """The records' figures, written to `directory`: 'curves', the validation
@@ -335,6 +366,7 @@ def docs_table(records: Path, rows: Sequence[Row] = ROWS,
       '| --- | --- | --- | --- | --- | --- | --- | --- |']
   robustness = []
   pending = []
+  seeds: dict[str, list[tuple[Row, dict[str, Any]]]] = {}
   for row in rows:
     path = records / f'{row.name}.json'
     if not path.exists():
@@ -345,13 +377,29 @@ def docs_table(records: Path, rows: Sequence[Row] = ROWS,
       robustness.append(record)
       continue
     best = max(accuracy for _, accuracy in record['validation_curve'])
+    if row.seeds_of:
+      seeds.setdefault(row.seeds_of, []).append((row, record))
+    test_error = _percent(record['test']['test_error'])
+    if row.test_set:
+      test_error += f' on {row.test_set}'
     lines.append(
-        f"| {row.name} | {row.what} | {record['epochs']:g} epochs "
-        f"({record['steps']} steps) | {record['train_hours']:.1f} h on "
+        f"| {row.name} | {row.what} | {_trained(record)} | "
+        f"{record['train_hours']:.1f} h on "
         f"{record['machine']['cpu_count']}-core {record['machine']['cpu']} | "
         f"{_percent(best)} ({record['best_epoch']:g}) | "
-        f"{_percent(record['test']['test_error'])} | {row.paper} | "
-        f'{row.paper_length} |')
+        f'{test_error} | {row.paper} | {row.paper_length} |')
+  if seeds:
+    lines += ['', 'Settings trained over several seeds: the test error\'s '
+              'mean +- sample standard deviation over the seeds finished '
+              'so far, at equal length:', '',
+              '| setting | seeds finished | test error | each seed | '
+              'trained (each) | paper |', '| --- | --- | --- | --- | --- | --- |']
+    for setting, finished in seeds.items():
+      errors = [record['test']['test_error'] for _, record in finished]
+      lines.append(
+          f'| {setting} | {len(finished)} | {_mean_std(errors)} | '
+          + ', '.join(_percent(error) for error in errors)
+          + f' | {_trained(finished[0][1])} | {finished[0][0].paper} |')
   for record in robustness:
     results = record['results']
     angles = next(iter(results.values()))['angles']

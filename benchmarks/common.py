@@ -562,10 +562,9 @@ def training_budget(args) -> dict[str, Any]:
           'eval_examples': args.eval_examples}
 
 
-def train_for_accuracy(config, args, run_dir: Path) -> dict[str, Any]:
-  """Trains `config` within the budget of `args` into `run_dir` (resumed if
-  it exists); the best-on-validation checkpoint's accuracies and the wall
-  time."""
+def apply_training_budget(config, args) -> None:
+  """Sets `config` to the budget and data of `args` (as
+  `add_training_budget_arguments` defines them)."""
   config.num_epochs = args.epochs
   config.max_steps = args.max_steps
   config.num_train_examples = args.train_examples
@@ -576,6 +575,13 @@ def train_for_accuracy(config, args, run_dir: Path) -> dict[str, Any]:
   config.num_reconstructions = 0
   config.keep_checkpoints = 1
   config.checkpoint_every_steps = 1 << 30  # only at the end of each epoch
+
+
+def train_for_accuracy(config, args, run_dir: Path) -> dict[str, Any]:
+  """Trains `config` within the budget of `args` into `run_dir` (resumed if
+  it exists); the best-on-validation checkpoint's accuracies and the wall
+  time."""
+  apply_training_budget(config, args)
   start = time.perf_counter()
   results = train_lib.train_and_evaluate(config, str(run_dir))
   return {

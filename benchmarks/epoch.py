@@ -1,13 +1,18 @@
 """What a whole epoch of `python -m train.main` costs beyond its steps.
 
 Runs `train.train.train_and_evaluate` for one epoch of the default config
-(or `--max-steps`), with the same process's training step timed beforehand
-by `benchmarks/common.benchmark_train_step` (median of `--step-repeats`
-steps on random data). The epoch is timed from the second batch (the first
+(or `--max-steps`). The epoch is timed from the second batch (the first
 step's compilation is reported apart, as a one-time cost) to the end of the
 last checkpoint save, and split into:
 
-- the training steps: (steps - 1) x the median step;
+- the training steps: (steps - 1) x the time of one bare step. Bare steps
+  are the same jitted step over real training batches of the same config,
+  made beforehand and dispatched back to back, with nothing else (no
+  evaluation, checkpoint or logging): as many as the epoch has, half just
+  before it and half just after, and their mean per step is used, so that
+  a machine whose speed drifts over minutes moves both sides of the
+  comparison alike. The median of `--step-repeats` steps on one random
+  batch (`benchmarks/common.benchmark_train_step`) is reported beside it;
 - validation: the evaluation at the end of the epoch (its compilation
   included: it happens once a run);
 - checkpoints: `Checkpoints.save` and the final `wait`;
@@ -28,6 +33,7 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 import sys
@@ -42,6 +48,7 @@ if __package__ in (None, ''):  # Run as a script: make `benchmarks` importable.
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
+from train import batching  # pylint: disable=g-import-not-at-top
 from train import checkpoints  # pylint: disable=g-import-not-at-top
 from train import input_pipeline  # pylint: disable=g-import-not-at-top
 from train import train as train_lib  # pylint: disable=g-import-not-at-top
@@ -52,6 +59,10 @@ def parse_args(argv: Sequence[str] | None):
   parser.add_argument('--batch-size', type=int, default=128)
   parser.add_argument('--step-repeats', type=int, default=10,
                       help='timed training steps for the median step')
+  parser.add_argument('--bare-steps', type=int, default=-1,
+                      help='bare training steps timed around the epoch, '
+                      'half before and half after (-1: as many as the '
+                      'epoch has)')
   parser.add_argument('--tiny', action='store_true',
                       help='a tiny CapsNet (smoke tests): 8 conv features, '
                       '2 primary capsule types, a 16-unit decoder')
@@ -61,6 +72,8 @@ def parse_args(argv: Sequence[str] | None):
   args = parser.parse_args(argv)
   if args.batch_size < 1 or args.step_repeats < 1:
     parser.error('--batch-size and --step-repeats must be >= 1')
+  if args.bare_steps == 0 or args.bare_steps < -1:
+    parser.error('--bare-steps must be >= 1, or -1 for the epoch\'s steps')
   common.check_training_budget(parser, args, True)
   return args
 
@@ -134,8 +147,45 @@ def median_step(config, args) -> dict[str, Any]:
                                      repeats=args.step_repeats, warmup=2)
 
 
+class BareSteps:
+  """The training step alone, over real batches, timed in runs."""
+
+  def __init__(self, config, num_steps: int):
+    config = config.copy_and_resolve_references()
+    splits = input_pipeline.load_source_splits(config)
+    train, _, _ = input_pipeline.training_data(config, splits)
+    train_batch = input_pipeline.DATASETS[config.dataset].train_batch
+    # Made and placed beforehand: only the steps are timed.
+    self.batches = [jax.device_put(train_batch(config, train, step, 0, 1))
+                    for step in range(num_steps)]
+    self.state = common.state_for(common.create_state(config), config)
+    self.step = jax.jit(functools.partial(train_lib.train_step,
+                                          config=config), donate_argnums=0)
+    self.state, _ = self.step(self.state, self.batches[0])  # compiles
+    jax.block_until_ready(self.state)
+
+  def seconds_per_step(self, batches: Sequence[Any]) -> float:
+    """Dispatched back to back, as the training loop does, then waited
+    for."""
+    start = time.perf_counter()
+    for batch in batches:
+      self.state, _ = self.step(self.state, batch)
+    jax.block_until_ready(self.state)
+    return (time.perf_counter() - start) / len(batches)
+
+
+def epoch_steps(config) -> int:
+  """The training steps of the run `train_for_accuracy` makes."""
+  steps = batching.steps_per_epoch(input_pipeline.num_train_examples(config),
+                                   config.batch_size) * config.num_epochs
+  return min(steps, config.max_steps) if config.max_steps > 0 else steps
+
+
 def epoch_breakdown(timeline: Timeline, step: dict[str, Any],
-                    steps: int, test_examples: int) -> dict[str, Any]:
+                    steps: int, test_examples: int,
+                    bare_step_s: float | None = None) -> dict[str, Any]:
+  """The epoch's phases; its steps cost `bare_step_s` each (else the
+  median step's time)."""
   if steps < 2 or timeline.test_started is None:
     raise RuntimeError('the epoch needs at least 2 steps to be timed')
   start, end = timeline.batch_times[1], timeline.test_started
@@ -143,7 +193,7 @@ def epoch_breakdown(timeline: Timeline, step: dict[str, Any],
   validation_s = timeline.seconds_between('evaluate', start, end)
   checkpoint_s = (timeline.seconds_between('save', start, end)
                   + timeline.seconds_between('wait', start, end))
-  steps_s = (steps - 1) * step['median_s']
+  steps_s = (steps - 1) * (bare_step_s or step['median_s'])
   test_s = timeline.seconds_between('evaluate', end, float('inf')) or None
   return {
       'steps': steps,
@@ -155,6 +205,10 @@ def epoch_breakdown(timeline: Timeline, step: dict[str, Any],
       'checkpoint_s': checkpoint_s,
       'rest_s': epoch_s - steps_s - validation_s - checkpoint_s,
       'outside_steps_fraction': 1.0 - steps_s / epoch_s,
+      'step_s': bare_step_s or step['median_s'],
+      'step_source': 'bare steps' if bare_step_s else 'median step',
+      'outside_steps_fraction_by_median_step': 1.0 - (
+          (steps - 1) * step['median_s'] / epoch_s),
       'train_images_per_s': step['images_per_s'],
       'test_evaluation_s': test_s,
       'eval_images_per_s': (test_examples / test_s if test_s else None),
@@ -168,6 +222,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   print('timing the training step...', flush=True)
   step = median_step(config, args)
   print(f"median step {step['median_s']:.3f} s", flush=True)
+  common.apply_training_budget(config, args)
+  num_bare = epoch_steps(config) if args.bare_steps < 0 else args.bare_steps
+  bare = BareSteps(config, max(num_bare, 2))
+  half = len(bare.batches) // 2
+  bare_before = bare.seconds_per_step(bare.batches[:half])
+  print(f'{half} bare steps before the epoch: {bare_before:.3f} s a step',
+        flush=True)
   timeline = Timeline()
   with tempfile.TemporaryDirectory(prefix='capsjax_epoch_') as temporary:
     workdir = Path(args.workdir or temporary) / 'epoch'
@@ -175,16 +236,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       start = time.perf_counter()
       result = common.train_for_accuracy(config, args, workdir)
       total_s = time.perf_counter() - start
+  bare_after = bare.seconds_per_step(bare.batches[half:])
+  print(f'{len(bare.batches) - half} bare steps after the epoch: '
+        f'{bare_after:.3f} s a step', flush=True)
+  bare_step_s = (bare_before + bare_after) / 2
+  del bare
   breakdown = epoch_breakdown(timeline, step, result['checkpoint_step'],
-                              result['test_examples'])
+                              result['test_examples'], bare_step_s)
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   report = {
       'benchmark': 'epoch',
       'settings': {'batch_size': args.batch_size, 'tiny': args.tiny,
                    'step_repeats': args.step_repeats,
+                   'bare_steps': args.bare_steps,
                    'eval_batch_size': config.eval_batch_size,
                    **common.training_budget(args)},
       'train_step': step,
+      'bare_steps': {'before_s': bare_before, 'after_s': bare_after,
+                     'count': num_bare},
       'epoch': breakdown,
       'train_and_evaluate_s': total_s,
       'accuracy': result,
@@ -192,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'machine': {**machine, 'loadavg_end': list(os.getloadavg())},
   }
   print(common.format_table(
-      ['epoch s', 'steps s', 'validation s', 'checkpoints s', 'rest s',
+      ['epoch s', f"steps s ({breakdown['step_s']:.3f} s each)", 'validation s', 'checkpoints s', 'rest s',
        'outside steps', 'train img/s', 'eval img/s', 'peak RSS MB'],
       [[f"{breakdown['epoch_s']:.1f}", f"{breakdown['steps_s']:.1f}",
         f"{breakdown['validation_s']:.1f}",

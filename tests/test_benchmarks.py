@@ -496,3 +496,31 @@ def test_epoch_instrumentation_is_removed_afterwards():
     assert epoch.train_lib.evaluate is not before[0]
   assert (epoch.train_lib.evaluate, epoch.input_pipeline.train_batches,
           epoch.checkpoints.Checkpoints.save) == before
+
+
+def test_epoch_times_bare_steps_around_a_real_epoch(mnist_idx_dir,
+                                                    mnist_tfds_dir, tmp_path):
+  """benchmarks/epoch.py end to end on a tiny CapsNet and real MNIST: the
+  epoch's steps are costed by bare steps timed before and after it."""
+  out = tmp_path / 'epoch.json'
+  report = epoch.main([
+      '--tiny', '--batch-size', '4', '--step-repeats', '1', '--max-steps',
+      '3', '--train-examples', '64', '--eval-examples', '32', '--data-dir',
+      str(mnist_idx_dir), '--tfds-data-dir', str(mnist_tfds_dir), '--out',
+      str(out)])
+  assert json.loads(out.read_text())['epoch'] == report['epoch']
+  bare, breakdown = report['bare_steps'], report['epoch']
+  assert bare['count'] == 3  # the epoch's steps: 1 before, 2 after
+  assert positive(bare['before_s']) and positive(bare['after_s'])
+  assert breakdown['step_source'] == 'bare steps'
+  assert breakdown['step_s'] == pytest.approx(
+      (bare['before_s'] + bare['after_s']) / 2)
+  assert breakdown['steps_s'] == pytest.approx(2 * breakdown['step_s'])
+  assert report['accuracy']['checkpoint_step'] == 3
+  check_machine(report['machine'])
+
+
+def test_epoch_bare_steps_flag_is_checked():
+  for value in ('0', '-2'):
+    with pytest.raises(SystemExit):
+      epoch.parse_args(['--bare-steps', value])

@@ -261,8 +261,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'machine': {**machine, 'loadavg_end': list(os.getloadavg())},
   }
   print(common.format_table(
-      ['epoch s', f"steps s ({breakdown['step_s']:.3f} s each)", 'validation s', 'checkpoints s', 'rest s',
-       'outside steps', 'train img/s', 'eval img/s', 'peak RSS MB'],
+      ['epoch s', f"steps s ({breakdown['step_s']:.3f} s each)",
+       'validation s', 'checkpoints s', 'rest s', 'outside steps', 'train img/s', 'eval img/s', 'peak RSS MB'],
       [[f"{breakdown['epoch_s']:.1f}", f"{breakdown['steps_s']:.1f}",
         f"{breakdown['validation_s']:.1f}",
         f"{breakdown['checkpoint_s']:.1f}", f"{breakdown['rest_s']:.1f}",

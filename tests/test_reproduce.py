@@ -126,7 +126,8 @@ def _write_record(records, row, test_error, dataset='mnist'):
       'config': {'batch_size': 128, 'dataset': dataset}})
 
 
-def test_table_summarises_seeds_and_names_other_test_sets(tmp_path):
+def test_table_summarises_seeds_and_names_other_test_sets(tmp_path,
+                                                            capsys):
   """Rows of one setting get its mean +- sample std over finished seeds;
   a row tested on another set says which; MultiMNIST counts pairs."""
   rows = [row for row in campaign.ROWS
@@ -142,14 +143,23 @@ def test_table_summarises_seeds_and_names_other_test_sets(tmp_path):
       _write_record(tmp_path, row, errors[row.name],
                     'multimnist' if 'multimnist' in row.name else 'mnist')
   table = campaign.docs_table(tmp_path, rows)
-  assert ('| 1 routing iteration(s), with reconstruction | 3 | 0.30% +- '
+  assert ('| 1 routing iteration(s), with reconstruction | 3 of 3 | 0.30% +- '
           '0.040 | 0.30%, 0.34%, 0.26% | 10 epochs (4290 steps, 549,120 '
           'images seen) | 0.29% +- 0.011 test error |') in table
-  assert ('| 3 routing iteration(s), with reconstruction | 1 | 0.31% (one '
-          'seed) | 0.31% |') in table
+  assert ('| 3 routing iteration(s), with reconstruction | 1 of 3 | 0.31% '
+          '(one seed) | 0.31% |') in table
   assert '| 21.00% on the affine test set | 79% affNIST accuracy |' in table
   assert '549,120 pairs seen' in table
-  assert 'Not finished yet: ablation_r3_recon_seed0, ablation_r3_recon_seed2.' in table
+  assert ('Not finished yet: ablation_r3_recon_seed0, '
+          'ablation_r3_recon_seed2.') in table
+  assert reproduce.main(['--root', str(tmp_path / 'runs'), '--records',
+                         str(tmp_path), '--status', '--rows',
+                         ','.join(row.name for row in rows)]) == 0
+  status = capsys.readouterr().out
+  assert ('1 routing iteration(s), with reconstruction: 3 of 3 seeds done, '
+          'test error 0.30% +- 0.040 (paper: 0.29% +- 0.011 test error)'
+          in status)
+  assert 'ablation_r3_recon_seed0: pending, no epoch finished yet' in status
 
 
 def test_status_of_running_and_stopped_rows(tiny_row, tmp_path):

@@ -355,6 +355,39 @@ def docs_figures(records: Path, directory: Path,
   return written
 
 
+@dataclasses.dataclass
+class SeedSetting:
+  """The rows of one setting (`Row.seeds_of`) and the records of those
+  that finished."""
+
+  name: str
+  rows: list[Row]
+  records: list[dict[str, Any]]
+
+  def errors(self) -> list[float]:
+    return [record['test']['test_error'] for record in self.records]
+
+  def test_error(self) -> str:
+    """'mean% +- std%' of the finished seeds' test errors."""
+    return _mean_std(self.errors())
+
+
+def seed_settings(records: Path, rows: Sequence[Row] = ROWS
+                  ) -> list[SeedSetting]:
+  """Every setting trained over several seeds, in the rows' order."""
+  settings: dict[str, SeedSetting] = {}
+  for row in rows:
+    if not row.seeds_of:
+      continue
+    setting = settings.setdefault(row.seeds_of,
+                                  SeedSetting(row.seeds_of, [], []))
+    setting.rows.append(row)
+    path = records / f'{row.name}.json'
+    if path.exists():
+      setting.records.append(json.loads(path.read_text()))
+  return list(settings.values())
+
+
 def docs_table(records: Path, rows: Sequence[Row] = ROWS,
                figures: dict[str, str] | None = None) -> str:
   """Markdown: every training record beside the paper, then robustness;
@@ -366,7 +399,6 @@ def docs_table(records: Path, rows: Sequence[Row] = ROWS,
       '| --- | --- | --- | --- | --- | --- | --- | --- |']
   robustness = []
   pending = []
-  seeds: dict[str, list[tuple[Row, dict[str, Any]]]] = {}
   for row in rows:
     path = records / f'{row.name}.json'
     if not path.exists():
@@ -377,8 +409,6 @@ def docs_table(records: Path, rows: Sequence[Row] = ROWS,
       robustness.append(record)
       continue
     best = max(accuracy for _, accuracy in record['validation_curve'])
-    if row.seeds_of:
-      seeds.setdefault(row.seeds_of, []).append((row, record))
     test_error = _percent(record['test']['test_error'])
     if row.test_set:
       test_error += f' on {row.test_set}'
@@ -388,18 +418,21 @@ def docs_table(records: Path, rows: Sequence[Row] = ROWS,
         f"{record['machine']['cpu_count']}-core {record['machine']['cpu']} | "
         f"{_percent(best)} ({record['best_epoch']:g}) | "
         f'{test_error} | {row.paper} | {row.paper_length} |')
-  if seeds:
+  settings = [setting for setting in seed_settings(records, rows)
+              if setting.records]
+  if settings:
     lines += ['', 'Settings trained over several seeds: the test error\'s '
               'mean +- sample standard deviation over the seeds finished '
               'so far, at equal length:', '',
               '| setting | seeds finished | test error | each seed | '
-              'trained (each) | paper |', '| --- | --- | --- | --- | --- | --- |']
-    for setting, finished in seeds.items():
-      errors = [record['test']['test_error'] for _, record in finished]
+              'trained (each) | paper |',
+              '| --- | --- | --- | --- | --- | --- |']
+    for setting in settings:
       lines.append(
-          f'| {setting} | {len(finished)} | {_mean_std(errors)} | '
-          + ', '.join(_percent(error) for error in errors)
-          + f' | {_trained(finished[0][1])} | {finished[0][0].paper} |')
+          f'| {setting.name} | {len(setting.records)} of '
+          f'{len(setting.rows)} | {setting.test_error()} | '
+          + ', '.join(_percent(error) for error in setting.errors())
+          + f' | {_trained(setting.records[0])} | {setting.rows[0].paper} |')
   for record in robustness:
     results = record['results']
     angles = next(iter(results.values()))['angles']

@@ -275,6 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.status:
     for row in rows:
       print(status_line(row, root, args.records))
+    for setting in campaign.seed_settings(args.records, rows):
+      if setting.records:
+        print(f'{setting.name}: {len(setting.records)} of '
+              f'{len(setting.rows)} seeds done, test error '
+              f'{setting.test_error()} (paper: {setting.rows[0].paper})')
     return 0
   return run_queue(rows, root, args.records.expanduser().absolute(),
                    args.pretrained.expanduser().absolute(),

@@ -92,9 +92,10 @@ def _ablation_rows() -> list[Row]:
   paper = {(1, False): '0.34% +- 0.032', (1, True): '0.29% +- 0.011',
            (3, False): '0.35% +- 0.036', (3, True): '0.25% +- 0.005'}
   rows = []
-  for iterations, reconstruction in ((1, False), (1, True), (3, False),
-                                     (3, True)):
-    for seed in range(3):
+  # Seed by seed: every setting has a first figure before any has three.
+  for seed in range(3):
+    for iterations, reconstruction in ((1, False), (1, True), (3, False),
+                                       (3, True)):
       tag = f"r{iterations}_{'recon' if reconstruction else 'norecon'}"
       rows.append(Row(
           name=f'ablation_{tag}_seed{seed}',

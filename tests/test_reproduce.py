@@ -93,6 +93,7 @@ def test_queue_runs_records_ships_and_skips_finished_rows(
   assert results['tiny']['checkpoint_step'] == 8
   card = (shipped / 'tiny_model.md').read_text()
   assert 'tiny, rotated test set: 0 deg' in card
+  assert '(both from the first 40 test digits)' in card
   assert f"test error {100 * test['test_error']:.2f}%" in card
 
   # The docs' table and figures, from the records alone.

@@ -167,9 +167,13 @@ def model_card(meta: dict[str, Any], record: dict[str, Any] | None = None,
       by_angle = dict(zip(result['angles'], result['accuracy']))
       shown = [angle for angle in (0, 15, 30, 35, 45, 60, 90)
                if angle in by_angle]
+      sample = result.get('test_examples', -1)
+      digits = (f' (both from the first {sample:,} test digits)'
+                if 0 < sample < test.get('test_examples', 10_000) else '')
       lines.append(f'- {model_name}, rotated test set: ' + ', '.join(
           f'{angle:g} deg {_percent(by_angle[angle])}' for angle in shown)
-                   + f"; affine test set {_percent(result['affine_accuracy'])}")
+                   + f"; affine test set {_percent(result['affine_accuracy'])}"
+                   + digits)
   lines += ['', '## Known limits', '',
             '- Trained on MNIST digits centred in 28x28 images: other '
             'sizes, inverted or colour images are out of its distribution; '
@@ -179,7 +183,7 @@ def model_card(meta: dict[str, Any], record: dict[str, Any] | None = None,
              '- The class is the largest logit; its softmax is not a '
              'calibrated probability.'),
             '- One model, one seed: the spread between seeds is in the '
-            'ablation rows of docs/results.md.', '']
+            "ablation's seeded settings of docs/reproduction.md.", '']
   return '\n'.join(lines)
 
 

@@ -7,7 +7,8 @@ last checkpoint save, and split into:
 
 - the training steps: (steps - 1) x the time of one bare step. Bare steps
   are the same jitted step over real training batches of the same config,
-  made beforehand and dispatched back to back, with nothing else (no
+  made beforehand and dispatched ahead as the loop dispatches them (waiting
+  for the metrics every `log_every_steps`), with nothing else (no
   evaluation, checkpoint or logging): as many as the epoch has, half just
   before it and half just after, and their mean per step is used, so that
   a machine whose speed drifts over minutes moves both sides of the
@@ -164,12 +165,16 @@ class BareSteps:
     self.state, _ = self.step(self.state, self.batches[0])  # compiles
     jax.block_until_ready(self.state)
 
-  def seconds_per_step(self, batches: Sequence[Any]) -> float:
-    """Dispatched back to back, as the training loop does, then waited
-    for."""
+  def seconds_per_step(self, batches: Sequence[Any],
+                       wait_every: int) -> float:
+    """Dispatched ahead as the training loop does: it waits for a step's
+    metrics every `wait_every` steps (`config.log_every_steps`), for the
+    progress line, and nowhere else."""
     start = time.perf_counter()
-    for batch in batches:
-      self.state, _ = self.step(self.state, batch)
+    for index, batch in enumerate(batches, 1):
+      self.state, metrics = self.step(self.state, batch)
+      if index % wait_every == 0:
+        jax.block_until_ready(metrics)
     jax.block_until_ready(self.state)
     return (time.perf_counter() - start) / len(batches)
 
@@ -226,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   num_bare = epoch_steps(config) if args.bare_steps < 0 else args.bare_steps
   bare = BareSteps(config, max(num_bare, 2))
   half = len(bare.batches) // 2
-  bare_before = bare.seconds_per_step(bare.batches[:half])
+  bare_before = bare.seconds_per_step(bare.batches[:half],
+                                       config.log_every_steps)
   print(f'{half} bare steps before the epoch: {bare_before:.3f} s a step',
         flush=True)
   timeline = Timeline()
@@ -236,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       start = time.perf_counter()
       result = common.train_for_accuracy(config, args, workdir)
       total_s = time.perf_counter() - start
-  bare_after = bare.seconds_per_step(bare.batches[half:])
+  bare_after = bare.seconds_per_step(bare.batches[half:],
+                                      config.log_every_steps)
   print(f'{len(bare.batches) - half} bare steps after the epoch: '
         f'{bare_after:.3f} s a step', flush=True)
   bare_step_s = (bare_before + bare_after) / 2

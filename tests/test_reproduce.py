@@ -3,7 +3,9 @@ and its records."""
 
 import dataclasses
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -198,3 +200,15 @@ def test_robustness_record_names_swept_workdirs_under_the_root(tmp_path):
              'b': {'source': 'pretrained:tiny_model'}}
   assert reproduce._sources_under_root(results, tmp_path) == {
       'a': {'source': 'ROOT/row_a'}, 'b': {'source': 'pretrained:tiny_model'}}
+
+
+def test_readme_figures_of_records_are_the_records():
+  """A README line that links a record quotes that record's test error."""
+  root = Path(__file__).resolve().parents[1]
+  quoted = 0
+  for line in (root / 'README.md').read_text().splitlines():
+    for name in re.findall(r'\(results/(\w+)\.json\)', line):
+      record = json.loads((root / 'results' / f'{name}.json').read_text())
+      assert f"| {100 * record['test']['test_error']:.2f}% |" in line, line
+      quoted += 1
+  assert quoted >= 2

@@ -198,7 +198,8 @@ def epoch_breakdown(timeline: Timeline, step: dict[str, Any],
   validation_s = timeline.seconds_between('evaluate', start, end)
   checkpoint_s = (timeline.seconds_between('save', start, end)
                   + timeline.seconds_between('wait', start, end))
-  steps_s = (steps - 1) * (bare_step_s or step['median_s'])
+  step_s = bare_step_s or step['median_s']
+  steps_s = (steps - 1) * step_s
   test_s = timeline.seconds_between('evaluate', end, float('inf')) or None
   return {
       'steps': steps,
@@ -210,7 +211,7 @@ def epoch_breakdown(timeline: Timeline, step: dict[str, Any],
       'checkpoint_s': checkpoint_s,
       'rest_s': epoch_s - steps_s - validation_s - checkpoint_s,
       'outside_steps_fraction': 1.0 - steps_s / epoch_s,
-      'step_s': bare_step_s or step['median_s'],
+      'step_s': step_s,
       'step_source': 'bare steps' if bare_step_s else 'median step',
       'outside_steps_fraction_by_median_step': 1.0 - (
           (steps - 1) * step['median_s'] / epoch_s),
@@ -269,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   }
   print(common.format_table(
       ['epoch s', f"steps s ({breakdown['step_s']:.3f} s each)",
-       'validation s', 'checkpoints s', 'rest s', 'outside steps', 'train img/s', 'eval img/s', 'peak RSS MB'],
+       'validation s', 'checkpoints s', 'rest s', 'outside steps',
+       'train img/s', 'eval img/s', 'peak RSS MB'],
       [[f"{breakdown['epoch_s']:.1f}", f"{breakdown['steps_s']:.1f}",
         f"{breakdown['validation_s']:.1f}",
         f"{breakdown['checkpoint_s']:.1f}", f"{breakdown['rest_s']:.1f}",

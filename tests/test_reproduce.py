@@ -2,6 +2,7 @@
 and its records."""
 
 import dataclasses
+import importlib.util
 import json
 import re
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from train import campaign
+from train import config_checks
 from train import reproduce
 from train import workdir as workdir_lib
 
@@ -182,6 +184,57 @@ def test_status_of_running_and_stopped_rows(tiny_row, tmp_path):
         '98.76% (best 98.76%)')
   finally:
     lock.release()
+
+
+def test_record_and_status_of_a_row_without_validation_split(tmp_path):
+  """A row trained on every training example (config.validation_size
+  = 0) has no validation curve: its last epoch is the tested one."""
+  row = campaign.ROWS_BY_NAME['mnist_r3_recon_all_digits']
+  root, records, figures = (tmp_path / 'runs', tmp_path / 'records',
+                            tmp_path / 'figures')
+  workdir = root / row.name
+  workdir.mkdir(parents=True)
+  epochs = [{'kind': 'epoch', 'step': 468 * epoch, 'epoch': float(epoch),
+             'seconds': 200.0, 'train_accuracy': 0.99}
+            for epoch in (1, 2)]
+  (workdir / 'metrics.jsonl').write_text(
+      ''.join(json.dumps(record) + '\n' for record in epochs))
+  assert reproduce.status_line(row, root, records) == (
+      f'{row.name}: stopped at epoch 2 of 30, no validation split')
+
+  (workdir / 'config.json').write_text(json.dumps(
+      {'batch_size': 128, 'dataset': 'mnist', 'validation_size': 0}))
+  (workdir / 'test_results.json').write_text(json.dumps(
+      {'checkpoint_step': 936, 'validation_accuracy': None,
+       'test_error': 0.004, 'test_accuracy': 0.996}))
+  record = campaign.training_record(row, workdir)
+  assert record['validation_curve'] == []
+  assert record['best_epoch'] == 2.0 and record['steps'] == 936
+  campaign.write_json(records / f'{row.name}.json', record)
+  assert '| none held out (last epoch tested) | 0.40% |' in (
+      campaign.docs_table(records, [row]))
+  assert 'curves' not in campaign.docs_figures(records, figures, [row])
+
+
+def test_every_training_row_is_a_valid_config():
+  """Each row's config file with its overrides passes the checks that
+  `python -m train.main` makes before it starts."""
+  for row in campaign.ROWS:
+    if row.robustness_of:
+      continue
+    path, _, argument = row.config.partition(':')
+    spec = importlib.util.spec_from_file_location(
+        'row_config', campaign.REPO_ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(*([argument] if argument else []))
+    for field, value in row.overrides:
+      *parents, name = field.split('.')
+      section = config
+      for parent in parents:
+        section = section[parent]
+      section[name] = value
+    config_checks.validate_config(config, num_devices=1)
 
 
 def test_rows_are_valid_and_unknown_rows_refused(capsys):

@@ -527,6 +527,12 @@ ERRORS = {
                                 '14440 bytes']),
     'infinite_learning_rate': ({'learning_rate': 'inf'}, 1,
                                ['config.learning_rate=inf', 'finite']),
+    'validation_size': ({'validation_size': 60000}, 1,
+                        ['config.validation_size=60000', '[0, 60000)']),
+    'target_without_validation': ({'validation_size': 0,
+                                   'stop_at_validation_accuracy': 0.5}, 1,
+                                  ['config.stop_at_validation_accuracy=0.5',
+                                   'needs a validation split']),
 }
 
 
@@ -613,6 +619,25 @@ def test_tied_validation_accuracy_tests_a_kept_checkpoint(runs):
   assert results['checkpoint_step'] == STEPS
   assert results['checkpoint_step'] in checkpoint_steps(workdir)
   assert 'test of the best checkpoint' in run.stdout
+
+
+def test_without_validation_split_the_last_checkpoint_is_tested(runs):
+  workdir = runs.workdir('no_validation')
+  run = runs.main('no_validation', {'validation_size': 0}, workdir).succeeded()
+
+  epochs = read_records(workdir, 'epoch')
+  assert [record['step'] for record in epochs] == [8, STEPS]
+  assert not [field for record in epochs for field in record
+              if field.startswith('validation_')]
+  results = json.loads((workdir / 'test_results.json').read_text())
+  assert results['checkpoint_step'] == STEPS
+  assert results['validation_accuracy'] is None
+  assert results['test_examples'] == 100
+  # The newest checkpoints only: none has a validation accuracy to keep.
+  assert checkpoint_steps(workdir) == {STEPS - 2, STEPS}
+  assert 'test of the last checkpoint (no validation split)' in run.stdout
+  assert 'validation' not in [line for line in run.stdout.splitlines()
+                              if line.startswith('epoch ')][-1]
 
 
 def test_training_stops_at_the_validation_target_and_stays_stopped(runs):

@@ -5,8 +5,9 @@ files it is made from, the model's input shape, its training batch of a step
 and its fixed evaluation sets. Adding a dataset is adding a row.
 
   'mnist', 'fashion_mnist': the official splits (`train/tfds_splits.py`),
-    the last `validation_size` training examples held out for validation;
-    training images shifted by up to `max_shift` pixels.
+    the last `validation_size` training examples held out for validation
+    (0: none, every training example is trained on); training images
+    shifted by up to `max_shift` pixels.
   'multimnist': pairs of overlapping MNIST digits (`train/multimnist.py`).
   'affnist': the affNIST protocol on MNIST (`train/affnist.py`).
 
@@ -47,6 +48,9 @@ class Dataset:
       validation and test sets (`batching.Examples` or `multimnist.PairSet`).
     config_problems: config -> (field, message) of each impossible setting.
     settings: the config section the dataset needs, if any.
+    trains_without_validation: whether `validation_size=0` (train on every
+      training example, test the last checkpoint) is possible: not where the
+      validation set is made from the held-out digits.
   """
 
   files: str
@@ -56,6 +60,7 @@ class Dataset:
   config_problems: Callable[[ml_collections.ConfigDict],
                             list[tuple[str, str]]] = lambda config: []
   settings: str | None = None
+  trains_without_validation: bool = True
 
 
 def _digits_image_shape(config: ml_collections.ConfigDict):
@@ -84,10 +89,12 @@ DATASETS = {
     'fashion_mnist': Dataset('fashion_mnist', **_DIGITS),
     'multimnist': Dataset('mnist', multimnist.image_shape,
                           multimnist.config_train_batch, multimnist.eval_sets,
-                          multimnist.config_problems, settings='multimnist'),
+                          multimnist.config_problems, settings='multimnist',
+                          trains_without_validation=False),
     'affnist': Dataset('mnist', affnist.image_shape,
                        affnist.config_train_batch, affnist.eval_sets,
-                       affnist.config_problems, settings='affnist'),
+                       affnist.config_problems, settings='affnist',
+                       trains_without_validation=False),
 }
 
 
@@ -100,6 +107,19 @@ def config_problems(config: ml_collections.ConfigDict
   if dataset.settings and dataset.settings not in config:
     return [('dataset', f'needs the {dataset.settings} settings: use '
              f'--config=train/configs/{dataset.settings}.py')]
+  official = _official_train_size(config)
+  validation_size = config.get('validation_size', 5000)
+  if not (isinstance(validation_size, int) and
+          0 <= validation_size < official):
+    return [('validation_size', f'must be an integer in [0, {official}) '
+             f'(the {official} official training examples of '
+             f'{dataset.files})')]
+  if validation_size == 0 and config.get('stop_at_validation_accuracy', 0.0):
+    return [('stop_at_validation_accuracy', 'needs a validation split '
+             '(config.validation_size is 0)')]
+  if validation_size == 0 and not dataset.trains_without_validation:
+    return [('validation_size', f'must be >= 1 for {config.dataset}: its '
+             'validation set is made from the held-out training digits')]
   return dataset.config_problems(config)
 
 
@@ -112,9 +132,12 @@ def num_train_examples(config: ml_collections.ConfigDict) -> int:
   """How many training examples the run uses (an epoch's)."""
   if config.num_train_examples > 0:
     return config.num_train_examples
+  return _official_train_size(config) - config.get('validation_size', 5000)
+
+
+def _official_train_size(config: ml_collections.ConfigDict) -> int:
   files = DATASETS[config.dataset].files
-  official = datasets.KNOWN_IDX_FILES[files]['train_images'].shape[0]
-  return official - config.get('validation_size', 5000)
+  return datasets.KNOWN_IDX_FILES[files]['train_images'].shape[0]
 
 
 def load_source_splits(config: ml_collections.ConfigDict

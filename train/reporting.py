@@ -178,11 +178,13 @@ class EpochMetrics:
 
 def epoch_line(record: dict[str, Any]) -> str:
   """An epoch record for people (the JSON goes to metrics.jsonl)."""
-  return (f"epoch {record['epoch']:g} (step {record['step']}, "
+  line = (f"epoch {record['epoch']:g} (step {record['step']}, "
           f"{format_seconds(record['seconds'])}): "
           f"train loss {record['train_loss']:.4f} "
-          f"accuracy {100 * record['train_accuracy']:.2f}% | "
-          f"validation loss {record['validation_loss']:.4f} "
+          f"accuracy {100 * record['train_accuracy']:.2f}%")
+  if 'validation_accuracy' not in record:  # config.validation_size = 0
+    return line
+  return (f"{line} | validation loss {record['validation_loss']:.4f} "
           f"accuracy {100 * record['validation_accuracy']:.2f}%")
 
 

@@ -86,8 +86,11 @@ def status_line(row: campaign.Row, root: Path, records: Path) -> str:
     return f'{row.name}: {state}, no epoch finished yet'
   latest = epochs[-1]
   where = f"epoch {latest['epoch']:g} of {total}"
-  validation = (f"validation accuracy {100 * latest['validation_accuracy']:.2f}% "
-                f"(best {100 * max(r['validation_accuracy'] for r in epochs):.2f}%)")
+  validated = [r['validation_accuracy'] for r in epochs
+               if 'validation_accuracy' in r]
+  validation = (f'validation accuracy {100 * validated[-1]:.2f}% '
+                f'(best {100 * max(validated):.2f}%)' if validated else
+                'no validation split')
   if is_locked(workdir):
     seconds = [record['seconds'] for record in epochs[-3:]]
     remaining = (total - latest['epoch']) * sum(seconds) / len(seconds)

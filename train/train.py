@@ -149,7 +149,8 @@ def evaluate(eval_fn, variables, examples,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        allow_config_change: bool = False) -> dict[str, Any]:
-  """Trains, keeps the best checkpoint on validation, tests it.
+  """Trains, keeps the best checkpoint on validation, tests it (without a
+  validation split, `config.validation_size=0`, the last checkpoint).
 
   Everything about the config and the workdir is checked before anything is
   written or compiled; a rerun in the same workdir resumes the run.
@@ -162,8 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       where it changes the model, data or optimisation.
 
   Returns:
-    The final test metrics of the best-on-validation checkpoint and where it
-    came from (also written to `workdir/test_results.json`).
+    The final test metrics of the tested checkpoint and where it came from
+    (also written to `workdir/test_results.json`).
 
   Raises:
     ConfigError: an impossible setting, or an unusable workdir or data.
@@ -287,10 +288,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: Path,
         continue
       validation_accuracy = None
       if end_of_epoch or step == total_steps:
-        validation_metrics = evaluate(eval_fn, models.variables(state),
-                                      validation,
-                                      config, parallel)
-        validation_accuracy = validation_metrics['accuracy']
+        validation_metrics = (
+            evaluate(eval_fn, models.variables(state), validation, config,
+                     parallel) if len(validation) else {})
+        validation_accuracy = validation_metrics.get('accuracy')
         record = {
             'kind': 'epoch', 'step': step,
             'epoch': step / steps_per_epoch,
@@ -342,7 +343,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: Path,
 def _test_best(config, checkpoints: Checkpoints, state, test, eval_fn,
                parallel: parallel_lib.DataParallel,
                workdir: Path) -> dict[str, Any]:
-  """Evaluates the best-on-validation checkpoint on the test set."""
+  """Evaluates the best-on-validation checkpoint on the test set (the
+  last one when there is no validation split)."""
   best_step = checkpoints.best_step()
   if best_step is not None and best_step != int(state.step):
     # Damaged: set aside, and the best of the others is used.
@@ -373,8 +375,10 @@ def _test_best(config, checkpoints: Checkpoints, state, test, eval_fn,
     temporary = workdir / 'test_results.json.tmp'
     temporary.write_text(text + '\n')
     temporary.replace(workdir / 'test_results.json')
-    print('test of the best checkpoint on validation: '
-          + checkpoints_lib.strict_json(results), flush=True)
+    chosen = ('the best checkpoint on validation' if best_step is not None
+              else 'the last checkpoint (no validation split)')
+    print(f'test of {chosen}: ' + checkpoints_lib.strict_json(results),
+          flush=True)
     print(f'results in {workdir}: test_results.json, metrics.jsonl, '
           'tensorboard/, checkpoints/', flush=True)
   return results

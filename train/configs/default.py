@@ -19,7 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ''
   # Where tfds keeps the prepared array_record files.
   config.tfds_data_dir = '~/tensorflow_datasets'
-  config.validation_size = 5000  # held out from the end of the train split
+  # Held out from the end of the train split to choose the checkpoint
+  # tested. 0: train on every example and test the last checkpoint
+  # (mnist and fashion_mnist only).
+  config.validation_size = 5000
   config.max_shift = 2  # random shift of training images, pixels
   # Use only the first N training / evaluation examples (-1 = all); for
   # smoke tests and quick experiments.

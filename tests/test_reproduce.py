@@ -157,6 +157,15 @@ def test_table_summarises_seeds_and_names_other_test_sets(tmp_path,
   assert '549,120 pairs seen' in table
   assert ('Not finished yet: ablation_r3_recon_seed0, '
           'ablation_r3_recon_seed2.') in table
+  # MultiMNIST's error against the pairs seen, linked from the table.
+  figures = campaign.docs_figures(tmp_path, tmp_path / 'figures', rows)
+  pairs = figures['multimnist_capsnet/error_by_pairs_seen']
+  assert pairs.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert not [name for name in figures if name.startswith('ablation')
+              and '/' in name]
+  assert '![multimnist_capsnet/error_by_pairs_seen](' in campaign.docs_table(
+      tmp_path, rows, figures={name: str(path)
+                               for name, path in figures.items()})
   assert reproduce.main(['--root', str(tmp_path / 'runs'), '--records',
                          str(tmp_path), '--status', '--rows',
                          ','.join(row.name for row in rows)]) == 0

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -357,7 +358,12 @@ def docs_figures(records: Path, directory: Path,
     else:
       if record['validation_curve']:
         curves.append((row.name, record['validation_curve']))
-      # Drawn from the row's model when it finished (`Row.figures`).
+      if (record['config'].get('dataset') == 'multimnist' and
+          record['validation_curve']):
+        _plot_error_by_pairs_seen(row, record,
+                                  directory / row.name / PAIRS_FIGURE)
+      # Drawn from the row's model when it finished (`Row.figures`), and
+      # the pairs-seen curve above.
       for drawn in sorted((directory / row.name).glob('*.png')):
         written[f'{row.name}/{drawn.stem}'] = drawn
   if curves:
@@ -378,6 +384,43 @@ def docs_figures(records: Path, directory: Path,
     figure.savefig(written['curves'], dpi=110)
     plt.close(figure)
   return written
+
+
+PAIRS_FIGURE = 'error_by_pairs_seen.png'
+
+
+def _plot_error_by_pairs_seen(row: Row, record: dict[str, Any],
+                              path: Path) -> None:
+  """A MultiMNIST row's validation error (both digits right) against the
+  training pairs seen, with the paper's figure as a line: the paper trained
+  on far more pairs than a CPU run sees."""
+  from train import reporting  # pylint: disable=g-import-not-at-top
+  pairs_per_epoch = (record['steps'] / record['epochs'] *
+                     record['config']['batch_size'])
+  epochs, accuracies = zip(*record['validation_curve'])
+  plt = reporting.pyplot()
+  figure, axis = plt.subplots(figsize=(6, 4))
+  axis.plot([epoch * pairs_per_epoch for epoch in epochs],
+            [100 * (1 - accuracy) for accuracy in accuracies], marker='o',
+            markersize=3, label=f'{row.name}, validation')
+  paper = re.match(r'([0-9.]+)% test error', row.paper)
+  if paper:
+    axis.axhline(float(paper.group(1)), color='gray', linestyle='--',
+                 label=f'paper: {paper.group(0)}')
+  axis.set_yscale('log')
+  axis.yaxis.set_major_formatter('{x:g}')
+  axis.yaxis.set_minor_formatter('{x:g}')
+  axis.set_xlabel('training pairs seen')
+  axis.set_ylabel('error, both digits (%)')
+  axis.set_title(f"test error {_percent(record['test']['test_error'])} "
+                 f"after {record['steps'] * record['config']['batch_size']:,}"
+                 ' pairs', fontsize=10)
+  axis.grid(alpha=0.3, which='both')
+  axis.legend(fontsize=8)
+  figure.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
 
 
 @dataclasses.dataclass

@@ -74,3 +74,15 @@ def test_default_evaluation_batch_fits_in_the_training_steps_memory():
   from train.configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   assert config.eval_batch_size <= config.batch_size
+
+
+def test_peak_resident_bytes_is_the_high_water_mark():
+  before = host_memory.peak_resident_bytes()
+  if before is None:
+    pytest.skip('no resource module')
+  assert before > 10 << 20
+  block = bytearray(before + (64 << 20))  # zeroed, so touched
+  after = host_memory.peak_resident_bytes()
+  del block
+  assert after >= before + (64 << 20)
+  assert host_memory.peak_resident_bytes() >= after

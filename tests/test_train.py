@@ -323,6 +323,9 @@ def test_train_and_evaluate_end_to_end(runs, tmp_path):
       assert values['loss'] == pytest.approx(
           values['margin_loss'] + values['reconstruction_loss'], rel=1e-5)
       assert 0 <= values['accuracy'] <= 1
+    # This process's high-water mark: at least the libraries and the data.
+    assert 200 < record['peak_resident_mb'] < 64 * 1024
+  assert epochs[0]['peak_resident_mb'] <= epochs[1]['peak_resident_mb']
   # The best checkpoint on validation is the one tested.
   best = max(epochs, key=lambda record: record['validation_accuracy'])
   assert results['checkpoint_step'] == best['step']

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import platform
+import sys
 
 # From glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
@@ -51,3 +52,15 @@ def reuse_freed_host_memory() -> bool:
       mallopt(option, value) == 1
       for option, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
                             (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)))
+
+
+def peak_resident_bytes() -> int | None:
+  """The process's peak resident memory so far (its high-water mark), or
+  None where the OS does not report it."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+  except ImportError:  # Not on Windows.
+    return None
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  # Bytes on macOS, KiB on Linux and the BSDs.
+  return peak if sys.platform == 'darwin' else peak * 1024

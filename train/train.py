@@ -27,6 +27,7 @@ from train import batching
 from train import checkpoints as checkpoints_lib
 from train import config_checks
 from train import hardware
+from train import host_memory
 from train import input_pipeline
 from train import models
 from train import objectives
@@ -300,6 +301,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: Path,
             **{f'validation_{k}': v for k, v in validation_metrics.items()
                if k != 'count'},
         }
+        peak_bytes = host_memory.peak_resident_bytes()
+        if peak_bytes is not None:  # This process's, since it started.
+          record['peak_resident_mb'] = round(peak_bytes / 2**20)
         metrics_log.write(record)
         progress.update(step, force=True)
         if jax.process_index() == 0:

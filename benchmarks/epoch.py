@@ -7,8 +7,9 @@ last checkpoint save, and split into:
 
 - the training steps: (steps - 1) x the time of one bare step. Bare steps
   are the same jitted step over real training batches of the same config,
-  made beforehand and dispatched ahead as the loop dispatches them (waiting
-  for the metrics every `log_every_steps`), with nothing else (no
+  made beforehand and dispatched as the loop dispatches them (at most
+  `train.MAX_STEPS_IN_FLIGHT` unfinished, waiting for the metrics every
+  `log_every_steps`), with nothing else (no
   evaluation, checkpoint or logging): as many as the epoch has, half just
   before it and half just after, and their mean per step is used, so that
   a machine whose speed drifts over minutes moves both sides of the
@@ -167,12 +168,14 @@ class BareSteps:
 
   def seconds_per_step(self, batches: Sequence[Any],
                        wait_every: int) -> float:
-    """Dispatched ahead as the training loop does: it waits for a step's
-    metrics every `wait_every` steps (`config.log_every_steps`), for the
-    progress line, and nowhere else."""
+    """Dispatched as the training loop does: at most
+    `train.MAX_STEPS_IN_FLIGHT` steps unfinished, and a wait for a step's
+    metrics every `wait_every` steps (`config.log_every_steps`)."""
+    in_flight = train_lib.StepsInFlight()
     start = time.perf_counter()
     for index, batch in enumerate(batches, 1):
       self.state, metrics = self.step(self.state, batch)
+      in_flight.dispatched(metrics)
       if index % wait_every == 0:
         jax.block_until_ready(metrics)
     jax.block_until_ready(self.state)

@@ -22,6 +22,7 @@ from benchmarks import conv_methods
 from benchmarks import epoch
 from benchmarks import routing_algorithms
 from benchmarks import routing_iterations
+from benchmarks import steps_in_flight
 from benchmarks import train_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -400,7 +401,8 @@ def test_conv_methods(tmp_path, capsys):
 
 
 def test_scripts_run_from_the_command_line():
-  for script in ('routing_iterations.py', 'train_step.py', 'conv_methods.py'):
+  for script in ('routing_iterations.py', 'train_step.py', 'conv_methods.py',
+                 'steps_in_flight.py'):
     process = subprocess.run(
         [sys.executable, str(REPO_ROOT / 'benchmarks' / script), '--help'],
         capture_output=True, text=True, timeout=120, check=False)
@@ -524,3 +526,24 @@ def test_epoch_bare_steps_flag_is_checked():
   for value in ('0', '-2'):
     with pytest.raises(SystemExit):
       epoch.parse_args(['--bare-steps', value])
+
+
+def test_steps_in_flight_runs_each_limit_in_its_own_process(tmp_path,
+                                                            capsys):
+  out = tmp_path / 'in_flight.json'
+  report = steps_in_flight.main([
+      '--small', '--batch-size', '2', '--steps', '4', '--wait-every', '2',
+      '--limits', '3,0', '--repeats', '1', '--out', str(out)])
+  assert json.loads(out.read_text())['results'] == report['results']
+  assert [result['limit'] for result in report['results']] == [3, 0]
+  for result in report['results']:
+    (run,) = result['runs']
+    assert positive(run['step_s']) and run['step_s'] == result['median_step_s']
+    # A process of its own: at least the libraries, not this process's peak.
+    assert 0.1 < result['median_peak_resident_gb'] < 64
+  assert 'steps in flight at most' in capsys.readouterr().out
+  check_machine(report['machine'])
+  for flags in (['--limits', '-1'], ['--steps', '0']):
+    with pytest.raises(SystemExit):
+      steps_in_flight.parse_args(flags)
+

@@ -839,6 +839,27 @@ def test_progress_counts_completed_steps_not_queued_ones(capsys, monkeypatch):
   assert events == ['waited for the step', 'printed']
 
 
+def test_steps_in_flight_are_bounded():
+  """train.train.StepsInFlight waits for the oldest step beyond its limit."""
+  waited = []
+
+  class Step:
+    def __init__(self, index):
+      self.index = index
+
+    def block_until_ready(self):
+      waited.append(self.index)
+      return self
+
+  in_flight = train.StepsInFlight(2)
+  for index in range(5):
+    in_flight.dispatched(Step(index))
+  assert waited == [0, 1, 2]
+  synchronous = train.StepsInFlight(0)
+  synchronous.dispatched(Step(9))
+  assert waited[-1] == 9
+
+
 def test_evaluation_is_the_same_in_stacks_of_any_size():
   """`evaluate` runs `config.eval_batches_per_call` batches per compiled
   call; the stacks' completing batches of padding count for nothing."""

@@ -11,6 +11,7 @@ reads the step from the optimizer state.
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from pathlib import Path
@@ -40,6 +41,28 @@ from train.datasets import DataError
 from train.reporting import TrainingDiverged
 
 Metrics = reporting.Metrics
+
+# Training steps dispatched and not yet finished. JAX dispatches a step and
+# returns at once; one step queued behind the running one hides the
+# dispatch, and more only hold host memory. Waiting only for the progress
+# line (up to 50 in flight), the MNIST step took 0.51-0.56 s and the process
+# peaked at 4.9 GB; with at most 2 in flight, 0.41-0.50 s and 3.1 GB
+# (`python benchmarks/steps_in_flight.py`, docs/speed.md).
+MAX_STEPS_IN_FLIGHT = 2
+
+
+class StepsInFlight:
+  """Keeps at most `limit` dispatched steps unfinished: `dispatched(outputs)`
+  waits for the oldest step's outputs when there are more."""
+
+  def __init__(self, limit: int = MAX_STEPS_IN_FLIGHT):
+    self._limit = limit
+    self._outputs: collections.deque[Any] = collections.deque()
+
+  def dispatched(self, outputs: Any) -> None:
+    self._outputs.append(outputs)
+    while len(self._outputs) > self._limit:
+      jax.block_until_ready(self._outputs.popleft())
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -272,9 +295,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: Path,
       config, train_data, start_step=first_step,
       num_steps=max(total_steps - first_step, 0),
       process_index=jax.process_index(), process_count=jax.process_count())
+  in_flight = StepsInFlight()
   try:
     for step in range(first_step + 1, total_steps + 1):
       state, metrics = step_fn(state, parallel.global_batch(next(batches)))
+      in_flight.dispatched(metrics)
       epoch.add(step, metrics)
       end_of_epoch = step % steps_per_epoch == 0
       saving = (end_of_epoch or step == total_steps or

@@ -1,0 +1,164 @@
+"""Speed and host memory of the training loop against its steps in flight.
+
+JAX dispatches a jitted step and returns before it has run, so a loop can
+queue many steps ahead of the one running. The training loop waits for a
+step's metrics every `log_every_steps` (50) for the progress line, and keeps
+at most `train.train.MAX_STEPS_IN_FLIGHT` steps unfinished. This runs the
+MNIST CapsNet training step (`train.train.train_step`, jitted, state
+donated) over `--steps` random batches for each `--limits` value (steps
+unfinished at most, waiting for the metrics every `--wait-every` steps as
+the loop does; 0: wait for every step), each in a fresh process, so that its
+peak resident memory (`ru_maxrss`, compilation included) is its own. The
+limits alternate, `--repeats` times, and the table gives each limit's median
+seconds per step and peak memory, with every run's figure beside it.
+
+Examples:
+
+    python benchmarks/steps_in_flight.py --out in_flight.json
+    python benchmarks/steps_in_flight.py --small --steps 6 --limits 4,1 \\
+        --repeats 1                                      # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ''):  # Run as a script: make `benchmarks` importable.
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # pylint: disable=g-import-not-at-top
+
+RESULT_PREFIX = 'steps_in_flight_result: '
+
+
+def parse_args(argv: Sequence[str] | None):
+  parser = common.make_parser(__doc__)
+  parser.add_argument('--limits', default='50,2,1,0',
+                      help='comma-separated steps-in-flight limits')
+  parser.add_argument('--steps', type=int, default=150,
+                      help='timed steps per run')
+  parser.add_argument('--wait-every', type=int, default=50,
+                      help="wait for a step's metrics every this many steps "
+                      '(config.log_every_steps)')
+  parser.add_argument('--repeats', type=int, default=2,
+                      help='runs of each limit, alternating')
+  parser.add_argument('--batch-size', type=int, default=128)
+  parser.add_argument('--small', action='store_true',
+                      help='a tiny CapsNet (smoke tests)')
+  parser.add_argument('--out', help='write the results as JSON here')
+  # The run of one limit, in a process of its own.
+  parser.add_argument('--child', type=int, default=None,
+                      help=argparse.SUPPRESS)
+  common.add_allocator_argument(parser)
+  args = parser.parse_args(argv)
+  args.limits = common.parse_int_list(args.limits)
+  if any(limit < 0 for limit in args.limits):
+    parser.error('--limits must be >= 0')
+  for name in ('steps', 'wait_every', 'repeats', 'batch_size'):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name.replace('_', '-')} must be >= 1")
+  return args
+
+
+def run_limit(args) -> dict[str, Any]:
+  """In this process: `args.steps` steps with at most `args.child` steps
+  unfinished."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from train import host_memory  # pylint: disable=g-import-not-at-top
+  from train import train as train_lib  # pylint: disable=g-import-not-at-top
+
+  config = common.make_config(batch_size=args.batch_size, small=args.small)
+  step = jax.jit(functools.partial(train_lib.train_step, config=config),
+                 donate_argnums=0)
+  state = common.state_for(common.create_state(config), config)
+  rng = np.random.default_rng(0)
+  # Host arrays, as the loop's batches are: each call copies its batch in.
+  batches = [{'image': rng.random((args.batch_size, 28, 28, 1), np.float32),
+              'label': rng.integers(0, 10, args.batch_size).astype(np.int32)}
+             for _ in range(args.steps + 2)]
+  for batch in batches[:2]:  # Compiles, then one step warm.
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+  in_flight = train_lib.StepsInFlight(args.child)
+  start = time.perf_counter()
+  for index, batch in enumerate(batches[2:], 1):
+    state, metrics = step(state, batch)
+    in_flight.dispatched(metrics)
+    if index % args.wait_every == 0:
+      jax.block_until_ready(metrics)
+  jax.block_until_ready(state)
+  seconds = time.perf_counter() - start
+  return {'limit': args.child, 'step_s': seconds / args.steps,
+          'peak_resident_mb': host_memory.peak_resident_bytes() / 2**20}
+
+
+def child_command(args, limit: int) -> list[str]:
+  command = [sys.executable, os.path.abspath(__file__), '--child', str(limit),
+             '--steps', str(args.steps), '--wait-every', str(args.wait_every),
+             '--batch-size', str(args.batch_size)]
+  return command + ['--small'] * args.small + (
+      ['--system-malloc'] * args.system_malloc)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+  args = parse_args(argv)
+  if args.child is not None:
+    common.set_up_machine(args)
+    print(RESULT_PREFIX + json.dumps(run_limit(args)), flush=True)
+    return None
+  machine = common.set_up_machine(args)
+  runs: dict[int, list[dict[str, Any]]] = {limit: [] for limit in args.limits}
+  for repeat in range(args.repeats):
+    for limit in args.limits:
+      output = subprocess.run(child_command(args, limit), capture_output=True,
+                              text=True, check=False)
+      lines = [line for line in output.stdout.splitlines()
+               if line.startswith(RESULT_PREFIX)]
+      if output.returncode != 0 or not lines:
+        raise SystemExit(f'the run with limit {limit} failed:\n'
+                         + output.stderr[-3000:])
+      result = json.loads(lines[-1][len(RESULT_PREFIX):])
+      runs[limit].append(result)
+      print(f"run {repeat + 1}, at most {limit} in flight: "
+            f"{result['step_s']:.3f} s/step, peak "
+            f"{result['peak_resident_mb'] / 1024:.2f} GB", flush=True)
+  rows = []
+  summary = []
+  for limit, results in runs.items():
+    step_s = [result['step_s'] for result in results]
+    peaks = [result['peak_resident_mb'] / 1024 for result in results]
+    summary.append({'limit': limit, 'median_step_s': statistics.median(step_s),
+                    'median_peak_resident_gb': statistics.median(peaks),
+                    'runs': results})
+    rows.append([limit, f'{statistics.median(step_s):.3f}',
+                 ', '.join(f'{value:.3f}' for value in step_s),
+                 f'{statistics.median(peaks):.2f}',
+                 ', '.join(f'{value:.2f}' for value in peaks)])
+  print(f'\ntraining step, batch {args.batch_size}'
+        f"{', small model' if args.small else ''}: {args.steps} steps a run, "
+        f"a wait for the metrics every {args.wait_every}")
+  print(common.format_table(
+      ['steps in flight at most', 'median s/step', 'runs s/step',
+       'median peak GB', 'runs peak GB'], rows))
+  report = {'benchmark': 'steps_in_flight', 'machine': machine,
+            'settings': {'steps': args.steps, 'wait_every': args.wait_every,
+                         'repeats': args.repeats,
+                         'batch_size': args.batch_size, 'small': args.small},
+            'results': summary}
+  if args.out:
+    common.write_json(args.out, report)
+  return report
+
+
+if __name__ == '__main__':
+  main()

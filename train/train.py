@@ -43,12 +43,12 @@ from train.reporting import TrainingDiverged
 Metrics = reporting.Metrics
 
 # Training steps dispatched and not yet finished. JAX dispatches a step and
-# returns at once; one step queued behind the running one hides the
-# dispatch, and more only hold host memory. Waiting only for the progress
-# line (up to 50 in flight), the MNIST step took 0.51-0.56 s and the process
-# peaked at 4.9 GB; with at most 2 in flight, 0.41-0.50 s and 3.1 GB
-# (`python benchmarks/steps_in_flight.py`, docs/speed.md).
-MAX_STEPS_IN_FLIGHT = 2
+# returns at once; a step queued behind the running one keeps the device
+# busy while the loop goes on, and more only hold host memory. Waiting only
+# for the progress line (up to 50 steps in flight) the process peaked at
+# 3.0 GB, with at most 1 at 2.4 GB, and the step took 0.44 s against 0.43 s
+# (`python benchmarks/steps_in_flight.py`: docs/speed.md, "Host memory").
+MAX_STEPS_IN_FLIGHT = 1
 
 
 class StepsInFlight:

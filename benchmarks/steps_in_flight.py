@@ -131,14 +131,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
       runs[limit].append(result)
       print(f"run {repeat + 1}, at most {limit} in flight: "
             f"{result['step_s']:.3f} s/step, peak "
-            f"{result['peak_resident_mb'] / 1024:.2f} GB", flush=True)
+            f"{result['peak_resident_mb'] / 1024:.2f} GiB", flush=True)
   rows = []
   summary = []
   for limit, results in runs.items():
     step_s = [result['step_s'] for result in results]
     peaks = [result['peak_resident_mb'] / 1024 for result in results]
     summary.append({'limit': limit, 'median_step_s': statistics.median(step_s),
-                    'median_peak_resident_gb': statistics.median(peaks),
+                    'median_peak_resident_gib': statistics.median(peaks),
                     'runs': results})
     rows.append([limit, f'{statistics.median(step_s):.3f}',
                  ', '.join(f'{value:.3f}' for value in step_s),
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         f"a wait for the metrics every {args.wait_every}")
   print(common.format_table(
       ['steps in flight at most', 'median s/step', 'runs s/step',
-       'median peak GB', 'runs peak GB'], rows))
+       'median peak GiB', 'runs peak GiB'], rows))
   report = {'benchmark': 'steps_in_flight', 'machine': machine,
             'settings': {'steps': args.steps, 'wait_every': args.wait_every,
                          'repeats': args.repeats,

@@ -540,7 +540,7 @@ def test_steps_in_flight_runs_each_limit_in_its_own_process(tmp_path,
     (run,) = result['runs']
     assert positive(run['step_s']) and run['step_s'] == result['median_step_s']
     # A process of its own: at least the libraries, not this process's peak.
-    assert 0.1 < result['median_peak_resident_gb'] < 64
+    assert 0.1 < result['median_peak_resident_gib'] < 64
   assert 'steps in flight at most' in capsys.readouterr().out
   check_machine(report['machine'])
   for flags in (['--limits', '-1'], ['--steps', '0']):

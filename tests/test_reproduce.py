@@ -60,7 +60,7 @@ def test_queue_runs_records_ships_and_skips_finished_rows(
   assert len(record['validation_curve']) == 1
   assert record['config']['model']['conv_features'] == 16
   assert record['commit'] and record['machine']['cpu_count'] >= 1
-  assert 0.1 < record['peak_resident_gb'] < 64
+  assert 0.1 < record['peak_resident_gib'] < 64
   assert record['paper'] == '0.25% test error'
   status = reproduce.status_line(row, root, records)
   assert status == ('tiny: done, 1.0 epochs, test error '
@@ -220,7 +220,7 @@ def test_record_and_status_of_a_row_without_validation_split(tmp_path):
   record = campaign.training_record(row, workdir)
   assert record['validation_curve'] == []
   assert record['best_epoch'] == 2.0 and record['steps'] == 936
-  assert record['peak_resident_gb'] is None  # not in these epoch records
+  assert record['peak_resident_gib'] is None  # not in these epoch records
   campaign.write_json(records / f'{row.name}.json', record)
   assert '| none held out (last epoch tested) | 0.40% |' in (
       campaign.docs_table(records, [row]))

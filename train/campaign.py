@@ -289,7 +289,7 @@ def training_record(row: Row, workdir: Path) -> dict[str, Any]:
       'epochs': epochs[-1]['epoch'],
       'train_hours': sum(record['seconds'] for record in epochs) / 3600,
       # The largest of its processes' (a resumed run has one per start).
-      'peak_resident_gb': max(
+      'peak_resident_gib': max(
           (record['peak_resident_mb'] / 1024 for record in epochs
            if 'peak_resident_mb' in record), default=None),
       'validation_curve': [[record['epoch'], record['validation_accuracy']]

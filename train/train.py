@@ -46,7 +46,7 @@ Metrics = reporting.Metrics
 # returns at once; a step queued behind the running one keeps the device
 # busy while the loop goes on, and more only hold host memory. Waiting only
 # for the progress line (up to 50 steps in flight) the process peaked at
-# 3.0 GB, with at most 1 at 2.4 GB, and the step took 0.44 s against 0.43 s
+# 3.0 GiB, with at most 1 at 2.4 GiB, and the step took 0.44 s against 0.43 s
 # (`python benchmarks/steps_in_flight.py`: docs/speed.md, "Host memory").
 MAX_STEPS_IN_FLIGHT = 1
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ if __package__ in (None, ''):  # Run as a script: make `benchmarks` importable.
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from train import batching  # pylint: disable=g-import-not-at-top
 from train import checkpoints  # pylint: disable=g-import-not-at-top
+from train import host_memory  # pylint: disable=g-import-not-at-top
 from train import input_pipeline  # pylint: disable=g-import-not-at-top
 from train import train as train_lib  # pylint: disable=g-import-not-at-top
 
@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   del bare
   breakdown = epoch_breakdown(timeline, step, result['checkpoint_step'],
                               result['test_examples'], bare_step_s)
-  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  peak_rss = host_memory.peak_resident_bytes()
   report = {
       'benchmark': 'epoch',
       'settings': {'batch_size': args.batch_size, 'tiny': args.tiny,

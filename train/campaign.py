@@ -380,14 +380,20 @@ def docs_figures(records: Path, directory: Path,
     axis.set_yscale('log')
     axis.set_xlabel('epoch')
     axis.set_ylabel('validation error (%)')
-    axis.grid(alpha=0.3, which='both')
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    directory.mkdir(parents=True, exist_ok=True)
     written['curves'] = directory / 'reproduction_curves.png'
-    figure.savefig(written['curves'], dpi=110)
-    plt.close(figure)
+    _save_figure(figure, axis, written['curves'])
   return written
+
+
+def _save_figure(figure, axis, path: Path) -> None:
+  """The docs' plots: grid and legend, written as PNG and closed."""
+  from train import reporting  # pylint: disable=g-import-not-at-top
+  axis.grid(alpha=0.3, which='both')
+  axis.legend(fontsize=8)
+  figure.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path, dpi=110)
+  reporting.pyplot().close(figure)
 
 
 PAIRS_FIGURE = 'error_by_pairs_seen.png'
@@ -419,12 +425,7 @@ def _plot_error_by_pairs_seen(row: Row, record: dict[str, Any],
   axis.set_title(f"test error {_percent(record['test']['test_error'])} "
                  f"after {record['steps'] * record['config']['batch_size']:,}"
                  ' pairs', fontsize=10)
-  axis.grid(alpha=0.3, which='both')
-  axis.legend(fontsize=8)
-  figure.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
+  _save_figure(figure, axis, path)
 
 
 @dataclasses.dataclass

@@ -162,7 +162,6 @@ ROWS: tuple[Row, ...] = (
         overrides=(('num_epochs', 30),
                    ('learning_rate_decay_rate', 0.9),
                    ('learning_rate_decay_steps', MNIST_STEPS_PER_EPOCH))),
-    *_ablation_rows(),
     Row(name='mnist_r3_recon_all_digits',
         what='row 1 trained on all 60,000 training digits (none held out) '
         "with the Keras port's schedule (x0.9 every epoch), 30 epochs; the "
@@ -179,6 +178,7 @@ ROWS: tuple[Row, ...] = (
                    ('learning_rate_decay_rate', 0.9),
                    ('learning_rate_decay_steps',
                     MNIST_ALL_DIGITS_STEPS_PER_EPOCH))),
+    *_ablation_rows(),
     Row(name='affnist_capsnet',
         what='CapsNet trained on MNIST at random places on 40x40, tested '
         'on the affine set',

@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/run_all.sh DIR [TORCH_PYTHON]
 #
-# RUNS (default 3) is how many times the main step comparison is repeated.
+# RUNS (default 3) is how many times the main step comparison and the other
+# experiments' steps are repeated.
 # TORCH_PYTHON (else $CAPSJAX_TORCH_PYTHON, else `python`) is the interpreter
 # with torch installed; without one the PyTorch comparison is left out. The
 # same script runs on a GPU: every JSON names the device and the CPU flags,
@@ -36,10 +37,12 @@ done
 run train_step_breakdown python benchmarks/train_step.py \
   --precision float32,bfloat16 --steps 10 --warmup 2 --breakdown \
   --out "$out/train_step_breakdown.json"
-run train_step_experiments python benchmarks/train_step.py \
-  --precision float32 --steps 10 --warmup 2 \
-  --experiments multimnist,affnist,baseline_cnn,lenet5 \
-  --out "$out/train_step_experiments.json"
+for run_index in $(seq "${RUNS:-3}"); do
+  run "train_step_experiments_$run_index" python benchmarks/train_step.py \
+    --precision float32 --steps 10 --warmup 2 \
+    --experiments multimnist,affnist,baseline_cnn,lenet5 \
+    --out "$out/train_step_experiments_$run_index.json"
+done
 run train_step_float32_patches python benchmarks/train_step.py \
   --precision float32 --steps 10 --warmup 2 --conv-method patches \
   --out "$out/train_step_float32_patches.json"

@@ -37,6 +37,49 @@ def test_parameter_shapes():
   chex.assert_shape(shapes['logits']['kernel'], (192, 10))
 
 
+@pytest.mark.parametrize('kind', ['max', 'avg'])
+@pytest.mark.parametrize('height, width', [(6, 6), (5, 7), (4, 9)])
+def test_pool_2x2_matches_flax_pooling_and_its_gradient(kind, height, width):
+  """Even, odd and rectangular grids: values and gradients as flax's
+  reduce_window pooling ('SAME', stride 2; avg counts the padding)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  reference = {'max': nn.max_pool, 'avg': nn.avg_pool}[kind]
+  # Distinct values, so each window's maximum is unique and the two
+  # gradients (which differ only in how they split ties) must agree.
+  images = jax.random.permutation(
+      jax.random.key(0), jnp.arange(2 * height * width * 3, dtype=jnp.float32)
+  ).reshape(2, height, width, 3) / 10.0 - 3.0
+  cotangent = jax.random.normal(jax.random.key(1),
+                                (2, (height + 1) // 2, (width + 1) // 2, 3))
+
+  def ours(x):
+    return jnp.sum(baselines.pool_2x2(x, kind) * cotangent)
+
+  def flax_pool(x):
+    return jnp.sum(reference(x, (2, 2), strides=(2, 2), padding='SAME')
+                   * cotangent)
+
+  chex.assert_trees_all_close(
+      baselines.pool_2x2(images, kind),
+      reference(images, (2, 2), strides=(2, 2), padding='SAME'), atol=1e-6)
+  chex.assert_trees_all_close(jax.grad(ours)(images),
+                              jax.grad(flax_pool)(images), atol=1e-6)
+
+
+def test_pool_2x2_max_splits_a_tie_and_keeps_the_gradient_finite():
+  # After a ReLU, windows of equal values (zeros) are common.
+  images = jnp.zeros((1, 2, 2, 1))
+  gradient = jax.grad(
+      lambda x: jnp.sum(baselines.pool_2x2(x, 'max')))(images)
+  chex.assert_tree_all_finite(gradient)
+  np.testing.assert_allclose(np.asarray(gradient).ravel(), [0.25] * 4)
+
+
+def test_pool_2x2_rejects_an_unknown_kind():
+  with pytest.raises(ValueError, match="pooling 'min' must be 'max' or 'avg'"):
+    baselines.pool_2x2(jnp.zeros((1, 2, 2, 1)), 'min')
+
+
 TINY_CNN = dict(conv_features=(4, 4, 2), hidden_sizes=(8, 6))
 
 

@@ -80,12 +80,40 @@ def conv(features: int, kernel_size: int, images: jax.Array,
                         method=implementation, name=name)(images)
 
 
-def _pool(images: jax.Array, kind: str) -> jax.Array:
+def pool_2x2(images: jax.Array, kind: str) -> jax.Array:
+  """2x2 pooling at stride 2 with 'SAME' padding, as `nn.max_pool` /
+  `nn.avg_pool(..., (2, 2), strides=(2, 2), padding='SAME')`:
+  `(batch, h, w, c)` -> `(batch, ceil(h / 2), ceil(w / 2), c)`.
+
+  An odd side is padded at its end (with -inf for 'max'; with zeros for
+  'avg', which then divides by 4, as flax counts the padding). The windows
+  do not overlap, so the pooling is a reshape to `(batch, h / 2, 2, w / 2,
+  2, c)` and elementwise operations on the four corners, which XLA:CPU
+  fuses, where `reduce_window` and the `select_and_scatter` of its gradient
+  were a quarter of LeNet-5's training step (docs/speed.md). Gradient of
+  'max': the maximum's position gets it; equal maxima share it, summing to
+  one (`select_and_scatter` gives it to one of them). After a ReLU that
+  happens where the ReLU's own gradient is zero.
+  """
+  if kind not in ('max', 'avg'):
+    raise ValueError(f"pooling {kind!r} must be 'max' or 'avg'")
+  batch, height, width, channels = images.shape
+  padding = ((0, 0), (0, height % 2), (0, width % 2), (0, 0))
   if kind == 'max':
-    return nn.max_pool(images, (2, 2), strides=(2, 2), padding='SAME')
-  if kind == 'avg':
-    return nn.avg_pool(images, (2, 2), strides=(2, 2), padding='SAME')
-  raise ValueError(f"pooling {kind!r} must be 'max' or 'avg'")
+    padded = jnp.pad(images, padding, constant_values=-jnp.inf)
+  else:
+    padded = jnp.pad(images, padding)
+  windows = padded.reshape(batch, (height + 1) // 2, 2, (width + 1) // 2, 2,
+                           channels)
+  corners = [windows[:, :, row, :, column]
+             for row in (0, 1) for column in (0, 1)]
+  if kind == 'max':
+    # Pairwise: the gradient of `jnp.maximum` is elementwise (a tie
+    # halves it), where that of a reduction counts the ties in a reduction
+    # of its own.
+    return jnp.maximum(jnp.maximum(corners[0], corners[1]),
+                       jnp.maximum(corners[2], corners[3]))
+  return (corners[0] + corners[1] + corners[2] + corners[3]) / 4
 
 
 class BaselineCNN(nn.Module):
@@ -115,7 +143,7 @@ class BaselineCNN(nn.Module):
                             self.conv_implementation, self.dtype,
                             f'conv{index + 1}'))
       if index in self.pool_after:
-        hidden = _pool(hidden, 'max')
+        hidden = pool_2x2(hidden, 'max')
     hidden = hidden.reshape(hidden.shape[0], -1)
     for index, size in enumerate(self.hidden_sizes):
       hidden = nn.relu(nn.Dense(size, dtype=self.dtype,
@@ -145,10 +173,10 @@ class LeNet5(nn.Module):
     activation = nn.relu if self.activation == 'relu' else jnp.tanh
     hidden = activation(conv(6, 5, images, self.conv_implementation,
                              self.dtype, 'conv1'))
-    hidden = _pool(hidden, self.pooling)
+    hidden = pool_2x2(hidden, self.pooling)
     hidden = activation(conv(16, 5, hidden, self.conv_implementation,
                              self.dtype, 'conv2', padding='VALID'))
-    hidden = _pool(hidden, self.pooling)
+    hidden = pool_2x2(hidden, self.pooling)
     hidden = hidden.reshape(hidden.shape[0], -1)
     hidden = activation(nn.Dense(120, dtype=self.dtype, name='fc1')(hidden))
     hidden = activation(nn.Dense(84, dtype=self.dtype, name='fc2')(hidden))

@@ -178,6 +178,23 @@ ROWS: tuple[Row, ...] = (
                    ('learning_rate_decay_rate', 0.9),
                    ('learning_rate_decay_steps',
                     MNIST_ALL_DIGITS_STEPS_PER_EPOCH))),
+    Row(name='mnist_r3_official_loss',
+        what="row 1 with the official code's loss balance: reconstruction "
+        'weight 0.01, 30 epochs',
+        paper='0.25% test error (from the official code)',
+        paper_length=PAPER_50_EPOCHS,
+        # The official code averages the margin loss over the 10 classes
+        # and halves it (0.5 and 0.25 where the paper has 1 and 0.5), and
+        # adds 0.0005 x the summed squared error: 1/20 of the paper's margin
+        # loss beside the same reconstruction term. Adam does not see a
+        # constant factor on the loss, so 0.01 here (20 x 0.0005) trains as
+        # the official loss does. (Its PrimaryCaps scale of 1/32 is left
+        # out: the official layer adds a bias of 0.1 after that scale, which
+        # capsjax's does not, and without it the first 30 steps of a short
+        # run reached 15% validation accuracy against 67%.) 30 epochs: row
+        # 1's best checkpoint on validation at that length came at epoch 26.
+        overrides=(('num_epochs', 30),
+                   ('reconstruction_weight', 0.01))),
     *_ablation_rows(),
     Row(name='affnist_capsnet',
         what='CapsNet trained on MNIST at random places on 40x40, tested '

@@ -26,17 +26,28 @@ from pathlib import Path
 from typing import Any, Iterable
 
 _INSTRUCTION = re.compile(
-    r'^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = (?P<shape>\S+) .*?'
-    r'op_name="(?P<op_name>[^"]*)"', re.MULTILINE)
+    r'^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = (?P<shape>\S+) (?P<rest>.*)$',
+    re.MULTILINE)
+_OP_NAME = re.compile(r'op_name="(?P<op_name>[^"]*)"')
+# The part of operations whose instruction carries no op_name (XLA's own:
+# e.g. a layout copy of a parameter, or a broadcast it wrapped).
+UNNAMED = 'not named in the HLO'
+
 # The model scope after the traced function's own prefix.
 _SCOPE = re.compile(r'jvp\((?P<model>\w+)\)\)?/(?P<part>\w+)')
 
 
 def hlo_operations(hlo_text: str) -> dict[str, tuple[str, str]]:
-  """{operation name: (output shape, op_name metadata)} of an HLO module's
-  instructions that carry metadata."""
-  return {match['name']: (match['shape'], match['op_name'])
-          for match in _INSTRUCTION.finditer(hlo_text)}
+  """{operation name: (output shape, op_name metadata, '' if none)} of an
+  HLO module's instructions. Those without metadata are kept: XLA's own
+  operations (layout copies, wrapped broadcasts, dots it split off) take
+  time too, and a table without them would not add up to the step."""
+  operations = {}
+  for match in _INSTRUCTION.finditer(hlo_text):
+    op_name = _OP_NAME.search(match['rest'])
+    operations[match['name']] = (match['shape'],
+                                 op_name['op_name'] if op_name else '')
+  return operations
 
 
 def kind(operation: str) -> str:
@@ -53,7 +64,10 @@ def kind(operation: str) -> str:
 
 
 def scope(op_name: str) -> tuple[str, str]:
-  """(model part, 'forward' or 'backward') from an HLO op_name."""
+  """(model part, 'forward' or 'backward') from an HLO op_name; `UNNAMED`
+  and 'unknown' for an empty one."""
+  if not op_name:
+    return UNNAMED, 'unknown'
   direction = 'backward' if 'transpose(jvp(' in op_name else 'forward'
   match = _SCOPE.search(op_name)
   part = match['part'] if match else 'outside the model'

@@ -46,8 +46,9 @@ counts: predicted = MNIST step time x (the experiment's executed FLOPs /
 the MNIST step's), per batch of the same size; `slowdown` = measured /
 predicted (above 1: slower per FLOP than the MNIST step).
 
-`--profile DIR` writes a jax.profiler trace of a few steps per precision
-(open with TensorBoard's profile plugin or Perfetto) and prints the time per
+`--profile DIR` writes a jax.profiler trace of a few steps per precision,
+and of each of `--experiments` (float32), one folder each (open with
+TensorBoard's profile plugin or Perfetto) and prints the time per
 XLA operation from it (benchmarks/op_profile.py): by kind (matrix products,
 copies and transposes, the rest), by model part and pass, and the largest
 operations; the JSON holds the whole table under 'profile'.
@@ -214,18 +215,24 @@ def experiment_config(name: str, batch_size: int):
   return config, input_pipeline.image_shape(config)
 
 
-def time_experiment(name: str, args, mnist: dict[str, Any]
-                    ) -> dict[str, Any]:
-  """One experiment's float32 step, against the MNIST step's prediction."""
-  config, image_shape = experiment_config(name, args.batch_size)
-  batch = common.random_batch(args.batch_size, image_shape)
+def experiment_inputs(name: str, batch_size: int):
+  """(config, image shape, a random batch of its shapes, initial state) of
+  one of EXPERIMENTS."""
+  config, image_shape = experiment_config(name, batch_size)
+  batch = common.random_batch(batch_size, image_shape)
   labels_per_image = EXPERIMENTS[name][1]
   if labels_per_image > 1:  # MultiMNIST: two distinct classes and the two
     first = np.asarray(batch['label'])  # digits to reconstruct.
     batch['label'] = jnp.asarray(np.stack(
         [first, (first + 1 + first % 9) % 10], axis=1), jnp.int32)
     batch['digits'] = jnp.stack([batch['image'], batch['image']], axis=1)
-  state = common.create_state(config, image_shape)
+  return config, image_shape, batch, common.create_state(config, image_shape)
+
+
+def time_experiment(name: str, args, mnist: dict[str, Any]
+                    ) -> dict[str, Any]:
+  """One experiment's float32 step, against the MNIST step's prediction."""
+  config, image_shape, batch, state = experiment_inputs(name, args.batch_size)
   step = common.benchmark_train_step(
       config, common.state_for(state, config), batch,
       repeats=args.steps, warmup=args.warmup)
@@ -244,32 +251,31 @@ def time_experiment(name: str, args, mnist: dict[str, Any]
   return result
 
 
-def profile(directory: str, configs, base_state, batch, steps: int
-            ) -> dict[str, Any]:
-  """A jax.profiler trace of `steps` steps per precision (after warm-up),
-  and each precision's time per XLA operation from it (`op_profile`),
-  printed and returned."""
-  compiled = {}
-  for precision, config in configs.items():
+def profile(directory: str, runs: dict[str, tuple[Any, Any, Any]],
+            steps: int) -> dict[str, Any]:
+  """A jax.profiler trace of `steps` steps (after warm-up) of each of
+  `runs` ({label: (config, initial state, batch)}: the MNIST step per
+  precision, the other experiments by name), and each one's time per XLA
+  operation from it (`op_profile`), printed and returned by label."""
+  tables = {}
+  # One at a time, so that only one step's state and buffers are held.
+  for label, (config, base_state, batch) in runs.items():
     step = jax.jit(functools.partial(train_lib.train_step, config=config),
                    donate_argnums=0)
     state = common.state_for(base_state, config)
     executable, _ = common.compile_jitted(step, state, batch)
     state, metrics = executable(state, batch)  # warm up
     jax.block_until_ready(metrics)
-    compiled[precision] = (executable, state)
-  tables = {}
-  for precision, (executable, state) in compiled.items():
-    trace_directory = Path(directory) / precision
+    trace_directory = Path(directory) / label
     with jax.profiler.trace(str(trace_directory), create_perfetto_trace=True):
       for index in range(steps):
-        with jax.profiler.TraceAnnotation(f'{precision} step {index}'):
+        with jax.profiler.TraceAnnotation(f'{label} step {index}'):
           state, metrics = executable(state, batch)
           jax.block_until_ready(metrics)
     rows = op_profile.op_table(op_profile.trace_events(trace_directory),
                                executable.as_text(), steps)
-    tables[precision] = rows
-    print(f'\n{precision} step, time per XLA operation from the trace '
+    tables[label] = rows
+    print(f'\n{label} step, time per XLA operation from the trace '
           f'({steps} steps; the profiler adds its own overhead):')
     print(common.format_table(
         ['kind', 'ms per step'],
@@ -542,8 +548,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                         args.warmup)
   profile_tables = None
   if args.profile:
-    profile_tables = profile(args.profile, configs, base_state, batch,
-                             args.profile_steps)
+    runs = {precision: (config, base_state, batch)
+            for precision, config in configs.items()}
+    for name in args.experiments:
+      config, _, experiment_batch, state = experiment_inputs(
+          name, args.batch_size)
+      runs[name] = (config, state, experiment_batch)
+    profile_tables = profile(args.profile, runs, args.profile_steps)
   torch_report = ratios = None
   if args.torch and args.precision:
     torch_report = run_torch(args, args.precision)

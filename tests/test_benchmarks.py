@@ -285,6 +285,26 @@ def test_train_step(tmp_path, capsys):
   assert 'of matmul rate' in printed and 'full training step' in printed
 
 
+def test_train_step_profiles_the_step_and_each_experiment(tmp_path, capsys):
+  out = tmp_path / 'train_step.json'
+  traces = tmp_path / 'trace'
+  train_step.main(['--precision', 'float32', '--small', '--batch-size', '2',
+                   '--steps', '1', '--warmup', '0', '--experiments', 'lenet5',
+                   '--profile', str(traces), '--profile-steps', '1',
+                   '--out', str(out)])
+  report = json.loads(out.read_text())
+  assert set(report['profile']) == {'float32', 'lenet5'}
+  for label, rows in report['profile'].items():
+    assert (traces / label).is_dir(), label
+    assert rows and all(row['ms_per_step'] >= 0 for row in rows), label
+    assert any(row['kind'] == 'matmul' for row in rows), label
+  # LeNet-5's parts are its layers, named from the HLO.
+  parts = {row['part'] for row in report['profile']['lenet5']}
+  assert {'conv1', 'conv2', 'fc1'} <= parts
+  printed = capsys.readouterr().out
+  assert 'lenet5 step, time per XLA operation' in printed
+
+
 @pytest.mark.parametrize('backend,cpu_bfloat16,skipped', [
     ('cpu', False, True), ('cpu', True, False), ('cpu', None, False),
     ('gpu', False, False)])

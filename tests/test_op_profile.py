@@ -22,8 +22,11 @@ ENTRY %main {
 def test_hlo_operations_read_shape_and_scope():
   operations = op_profile.hlo_operations(HLO)
   assert set(operations) == {'ynn_fusion.3', 'copy_bitcast_fusion.1',
-                             'add.7'}
+                             'add.7', 'no_metadata.1'}
   assert operations['add.7'] == ('f32[8]{0}', 'jit(train_step)/add')
+  # XLA's own operations carry no op_name but take time: kept, unnamed.
+  assert operations['no_metadata.1'] == ('f32[8]{0}', '')
+  assert op_profile.scope('') == (op_profile.UNNAMED, 'unknown')
 
 
 @pytest.mark.parametrize('name, kind', [

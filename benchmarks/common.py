@@ -243,7 +243,7 @@ def _memory_total_bytes() -> int | None:
 ALLOCATOR_ENVIRONMENT = {
     'MALLOC_ARENA_MAX': '1',
     'MALLOC_MMAP_MAX_': '0',
-    'MALLOC_TRIM_THRESHOLD_': str(host_memory.TRIM_THRESHOLD_BYTES),
+    'MALLOC_TRIM_THRESHOLD_': str(host_memory.NO_TRIM),
 }
 
 

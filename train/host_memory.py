@@ -11,12 +11,18 @@ the PrimaryCaps convolution forward takes 572 ms with glibc's defaults and
 (`python benchmarks/train_step.py` against `--system-malloc`).
 
 The settings (the same as the environment variables MALLOC_ARENA_MAX=1,
-MALLOC_MMAP_MAX_=0 and MALLOC_TRIM_THRESHOLD_=2147483647):
+MALLOC_MMAP_MAX_=0 and MALLOC_TRIM_THRESHOLD_=-1):
 
 - one arena, the main heap, for every thread: other arenas fall back to
   `mmap` for requests beyond their 64 MB heaps whatever the other settings;
 - no `mmap` for large requests: they come from the heap, and are reused;
-- no trimming of the heap's top when memory is freed (up to 2 GiB).
+- no trimming of the heap's top when memory is freed (-1 turns it off,
+  mallopt(3)). A threshold is not enough: with the largest one mallopt
+  takes, 2 GiB, a step whose temporaries pass it (the affNIST protocol's
+  CapsNet step, 2.1 GB) gave them all back at its end, and the next step
+  faulted them in again: about 570,000 minor page faults and 1.5-2.6 s a
+  step, against none and 1.05-1.13 s with trimming off (alternating
+  processes, 2 CPU cores).
 
 The cost: the process keeps its peak heap until it exits (it never returns
 freed memory to the system). Only glibc has `mallopt`; elsewhere this is a
@@ -35,8 +41,8 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-# mallopt takes an int: keep up to 2 GiB of free memory at the heap's top.
-TRIM_THRESHOLD_BYTES = 2**31 - 1
+# M_TRIM_THRESHOLD's value that turns trimming off.
+NO_TRIM = -1
 
 
 def reuse_freed_host_memory() -> bool:
@@ -51,7 +57,7 @@ def reuse_freed_host_memory() -> bool:
   return all(
       mallopt(option, value) == 1
       for option, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
-                            (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)))
+                            (_M_TRIM_THRESHOLD, NO_TRIM)))
 
 
 def peak_resident_bytes() -> int | None:

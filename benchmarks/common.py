@@ -103,20 +103,37 @@ def summarize(times: Sequence[float]) -> dict[str, Any]:
   }
 
 
+def minor_page_faults() -> int | None:
+  """The process's minor page faults so far, or None where the OS does not
+  count them."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+  except ImportError:  # Not on Windows.
+    return None
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_calls(call: Callable[[], Any], repeats: int,
                warmup: int = 1) -> dict[str, Any]:
   """Times `call()` (ended by block_until_ready) `repeats` times after
-  `warmup` untimed calls; returns `summarize` of the times."""
+  `warmup` untimed calls; returns `summarize` of the times, plus the minor
+  page faults of each timed call (`page_faults`, None where not counted)
+  and their median: a call that faults in fresh memory pays for every page
+  (host_memory.py), so a step that does so each time shows it here."""
   if repeats < 1:
     raise ValueError(f'repeats must be >= 1, got {repeats}')
   for _ in range(warmup):
     jax.block_until_ready(call())
-  times = []
+  times, faults = [], []
   for _ in range(repeats):
+    faults_before = minor_page_faults()
     start = time.perf_counter()
     jax.block_until_ready(call())
     times.append(time.perf_counter() - start)
-  return summarize(times)
+    if faults_before is not None:
+      faults.append(minor_page_faults() - faults_before)
+  return {**summarize(times), 'page_faults': faults or None,
+          'median_page_faults': statistics.median(faults) if faults else None}
 
 
 def memory_stats(compiled: Any) -> dict[str, float] | None:
@@ -163,7 +180,7 @@ def flops_of(compiled: Any) -> float | None:
 
 
 TIMING_KEYS = ('median_s', 'min_s', 'max_s', 'iqr_s', 'mean_s', 'repeats',
-               'times_s')
+               'times_s', 'page_faults', 'median_page_faults')
 
 
 def benchmark(fn: Callable[..., Any], args: tuple, *, repeats: int,

@@ -6,6 +6,10 @@ donated), for each `--precision` (config.precision: float32, bfloat16),
 at `--batch-size` (128): the median of `--steps` timed steps after
 `--warmup` untimed ones, images/s, compile time and peak memory.
 
+Every timed step's minor page faults are recorded too (`page_faults_per_step`,
+and the median in the tables): a step that faults in fresh memory every time
+pays for each page, see train/host_memory.py.
+
 Fraction of the matmul peak: the step's model FLOPs (the analytic count of
 the direct method in benchmarks/common.py, 154 GFLOP at batch 128) over its
 median time, divided by the FLOP rate of a plain square `jnp.dot` of the
@@ -191,6 +195,8 @@ def time_step(config, base_state, batch, args) -> dict[str, Any]:
       'iqr_step_s': step['iqr_s'],
       'mean_step_s': step['mean_s'],
       'step_times_s': step['times_s'],
+      'page_faults_per_step': step['page_faults'],
+      'median_page_faults': step['median_page_faults'],
       'images_per_s': step['images_per_s'],
       'compile_s': step['compile_s'],
       'memory': step['memory'],
@@ -241,6 +247,8 @@ def time_experiment(name: str, args, mnist: dict[str, Any]
       'image_shape': list(image_shape),
       'median_step_s': step['median_s'], 'iqr_step_s': step['iqr_s'],
       'step_times_s': step['times_s'], 'images_per_s': step['images_per_s'],
+      'page_faults_per_step': step['page_faults'],
+      'median_page_faults': step['median_page_faults'],
       'compile_s': step['compile_s'], 'memory': step['memory'],
       'flops_executed': step['flops']}
   if step['flops'] and mnist.get('flops_executed'):
@@ -578,23 +586,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         '-' if not result['flops_executed'] else
         f"{result['flops_executed'] / 1e9:.2f}",
         '-' if not result['executed_fraction_of_matmul_peak'] else
-        f"{100 * result['executed_fraction_of_matmul_peak']:.1f}%"])
+        f"{100 * result['executed_fraction_of_matmul_peak']:.1f}%",
+        '-' if result['median_page_faults'] is None else
+        f"{result['median_page_faults']:.0f}"])
   print(common.format_table(
       ['precision', 'median s', 'IQR s', 'min s', 'max s', 'img/s',
        'compile s', 'peak MB', 'model GFLOP/step', 'GFLOP/s',
        'matmul GFLOP/s', 'model FLOPs of matmul rate',
-       'executed GFLOP/step', 'executed of matmul rate'], rows))
+       'executed GFLOP/step', 'executed of matmul rate',
+       'page faults per step'], rows))
   if experiment_results:
     print('\nother experiments, float32 (predicted: the MNIST step time '
           "scaled by XLA's executed FLOPs):")
     print(common.format_table(
         ['experiment', 'input', 'median s', 'img/s', 'executed GFLOP',
-         'predicted s', 'measured / predicted'],
+         'predicted s', 'measured / predicted', 'page faults per step'],
         [[name, 'x'.join(map(str, r['image_shape'])),
           f"{r['median_step_s']:.4f}", f"{r['images_per_s']:.1f}",
           f"{(r['flops_executed'] or 0) / 1e9:.2f}",
           f"{r.get('predicted_step_s', float('nan')):.4f}",
-          f"{r.get('slowdown', float('nan')):.2f}"]
+          f"{r.get('slowdown', float('nan')):.2f}",
+          '-' if r['median_page_faults'] is None
+          else f"{r['median_page_faults']:.0f}"]
          for name, r in experiment_results.items()]))
   if breakdowns:
     for precision, result in breakdowns.items():

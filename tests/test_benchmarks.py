@@ -271,6 +271,12 @@ def test_train_step(tmp_path, capsys):
                                       small=True), 2)
     assert result['step_times_s'] and all(map(positive,
                                               result['step_times_s']))
+    # Minor page faults of each timed step, where the OS counts them.
+    if common.minor_page_faults() is not None:
+      assert len(result['page_faults_per_step']) == len(
+          result['step_times_s'])
+      assert all(faults >= 0 for faults in result['page_faults_per_step'])
+      assert result['median_page_faults'] >= 0
     check_memory(result['memory'], precision)
     matmul = result['matmul']
     assert matmul['dtype'] == precision and positive(matmul['flops_per_s'])

@@ -87,6 +87,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
           'must be >= 1')
   require(config.reconstruction_weight >= 0, 'reconstruction_weight',
           'must be >= 0')
+  decay = config.get('parameter_average_decay', 0.0)
+  require(isinstance(decay, (int, float)) and 0 <= decay < 1,
+          'parameter_average_decay', 'must be in [0, 1) (0: no average)')
   require(config.max_shift >= 0, 'max_shift', 'must be >= 0')
   require(config.checkpoint_every_steps >= 1, 'checkpoint_every_steps',
           'must be >= 1')

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 import capsjax
+from train import averaging
 from train import baselines
 from train import datasets
 
@@ -150,8 +151,13 @@ def state_collections(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def variables(state) -> dict[str, Any]:
-  """{'params': ..., and the model state's collections} of a train state."""
-  return {'params': state.params, **getattr(state, 'model_state', {})}
+  """{'params': ..., and the model state's collections} of a train state,
+  as evaluated, tested and exported: the parameters' moving average where
+  the optimizer keeps one (`config.parameter_average_decay`), else the
+  parameters."""
+  return {'params': averaging.averaged_parameters(state.opt_state,
+                                                  state.params),
+          **getattr(state, 'model_state', {})}
 
 
 def apply_model(apply_fn, variables: dict[str, Any],

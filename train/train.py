@@ -24,6 +24,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
+from train import averaging
 from train import batching
 from train import checkpoints as checkpoints_lib
 from train import config_checks
@@ -74,6 +75,18 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   )
 
 
+def optimizer(config: ml_collections.ConfigDict
+              ) -> optax.GradientTransformation:
+  """Adam on `learning_rate_schedule`; with
+  `config.parameter_average_decay > 0` it also keeps the parameters'
+  moving average (`train.averaging`), which evaluation then uses."""
+  adam = optax.adam(learning_rate_schedule(config))
+  decay = config.get('parameter_average_decay', 0.0)
+  if decay > 0:
+    return optax.chain(adam, averaging.parameter_average(decay))
+  return adam
+
+
 class TrainStateWithModelState(train_state.TrainState):
   """A train state that also carries the model's variables other than
   'params' (batch norm's 'batch_stats'), which the step replaces with the
@@ -95,8 +108,7 @@ def create_train_state(config: ml_collections.ConfigDict,
   params = variables.pop('params')
   model_state = {name: variables[name]
                  for name in models.state_collections(config)}
-  fields = dict(apply_fn=model.apply, params=params,
-                tx=optax.adam(learning_rate_schedule(config)))
+  fields = dict(apply_fn=model.apply, params=params, tx=optimizer(config))
   if model_state:
     return TrainStateWithModelState.create(**fields, model_state=model_state)
   return train_state.TrainState.create(**fields)

@@ -71,6 +71,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 1e-3
   config.learning_rate_decay_rate = 0.96
   config.learning_rate_decay_steps = 2000
+  # > 0: keep a moving average of the parameters with this decay per step
+  # (train/averaging.py; 0.999 averages over about 1,000 steps) and
+  # evaluate, choose, test and export it instead of the last parameters.
+  # Not in the paper (0: off).
+  config.parameter_average_decay = 0.0
   config.batch_size = 128  # global, over all devices and hosts
   # Evaluation's batch: at most the training batch, so that its temporaries
   # fit in the host memory the training step frees and keeps

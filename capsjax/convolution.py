@@ -233,11 +233,22 @@ def _complex_matmul(lhs_real: jax.Array, lhs_imag: jax.Array,
     lhs_real, lhs_imag: `(frequencies, m, k)`.
     rhs_real, rhs_imag: `(frequencies, k, n)`.
     compute_dtype: the real products' input dtype (`float32_einsum`);
-      None: float32.
+      None: float32. (With k = 1 the products are elementwise, in float32.)
 
   Returns:
     real and imaginary parts, each `(frequencies, m, n)`, float32.
   """
+  if lhs_real.shape[-1] == 1:
+    # k = 1 (one input channel): outer products, elementwise, which XLA
+    # fuses with what surrounds them, where each would otherwise be a
+    # separate GEMM call with a contraction of length 1 (LeNet-5's first
+    # convolution: its training step 3-10% faster, three comparisons
+    # alternating in one process).
+    lhs_real, lhs_imag, rhs_real, rhs_imag = (
+        value.astype(jnp.float32)
+        for value in (lhs_real, lhs_imag, rhs_real, rhs_imag))
+    return (lhs_real * rhs_real - lhs_imag * rhs_imag,
+            lhs_real * rhs_imag + lhs_imag * rhs_real)
   product = functools.partial(float32_einsum, 'fmk,fkn->fmn',
                               compute_dtype=compute_dtype)
   p = product(lhs_real + lhs_imag, rhs_real)

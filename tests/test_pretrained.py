@@ -58,6 +58,16 @@ def test_export_then_load_gives_the_best_checkpoint(workdirs, tmp_path_factory,
   chex.assert_shape(output.reconstructions, (4, 28, 28, 1))
 
 
+def test_model_card_says_when_the_parameters_are_an_average():
+  config = default.get_config().to_dict()
+  meta = {'name': 'tiny', 'parameters': 10, 'checkpoint_step': 5,
+          'config': config, 'test_results': None}
+  assert 'moving average' not in pretrained.model_card(meta)
+  config['parameter_average_decay'] = 0.999
+  assert ('- parameters: the training\'s moving average of them (decay '
+          '0.999 a step' in pretrained.model_card(meta))
+
+
 def test_damaged_or_unknown_file_is_refused(workdirs, tmp_path_factory,
                                             tmp_path):
   workdir, _ = run('capsnet', default.get_config, workdirs, tmp_path_factory)

@@ -148,6 +148,11 @@ def model_card(meta: dict[str, Any], record: dict[str, Any] | None = None,
       f"{config.get('batch_size')}, {config.get('precision')}, seed "
       f"{config.get('seed')}",
   ]
+  if config.get('parameter_average_decay', 0.0) > 0:
+    lines.append(
+        "- parameters: the training's moving average of them (decay "
+        f"{config['parameter_average_decay']} a step, `train/averaging.py`)"
+        ', not its last step')
   if record:
     machine = record['machine']
     lines += [

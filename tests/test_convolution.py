@@ -132,15 +132,16 @@ def test_auto_on_the_cpu_picks_fourier_only_where_it_pays():
 
 @pytest.mark.parametrize('method', ['patches', 'fourier', 'lax'])
 @pytest.mark.parametrize(
-    'shape,kernel_size,stride',
-    [((12, 12), 3, 1),   # an even grid
-     ((12, 12), 5, 2),   # strided, on an 11 x 11 (odd) grid
-     ((10, 13), 3, 2)],  # rectangular: a 9 x 13 grid
+    'shape,kernel_size,stride,in_channels',
+    [((12, 12), 3, 1, 8),   # an even grid
+     ((12, 12), 5, 2, 8),   # strided, on an 11 x 11 (odd) grid
+     ((10, 13), 3, 2, 8),   # rectangular: a 9 x 13 grid
+     ((12, 12), 5, 1, 1)],  # one input channel (elementwise products)
 )
 def test_bfloat16_compute_is_close_in_value_and_gradients(
-    method, shape, kernel_size, stride):
-  images = _uniform(0, (2, *shape, 8))
-  kernel = 0.1 * _normal(1, (kernel_size, kernel_size, 8, 4))
+    method, shape, kernel_size, stride, in_channels):
+  images = _uniform(0, (2, *shape, in_channels))
+  kernel = 0.1 * _normal(1, (kernel_size, kernel_size, in_channels, 4))
 
   def ours(x, w):
     return convolution.conv2d(x, w, stride, jnp.bfloat16, method)

@@ -53,9 +53,12 @@ def parameter_average(decay: float) -> optax.GradientTransformation:
   if not 0 <= decay < 1:
     raise ValueError(f'decay {decay!r} must be in [0, 1)')
 
+  # Kept in float32 whatever the parameters' dtype: in bfloat16, `decay *
+  # total` with decay 0.999 would round back to `total`.
   def init_fn(params: optax.Params) -> ParameterAverageState:
     return ParameterAverageState(
-        weighted_sum=jax.tree.map(jnp.zeros_like, params),
+        weighted_sum=jax.tree.map(
+            lambda value: jnp.zeros_like(value, jnp.float32), params),
         total_weight=jnp.zeros([], jnp.float32))
 
   def update_fn(updates, state: ParameterAverageState, params=None):
@@ -64,7 +67,8 @@ def parameter_average(decay: float) -> optax.GradientTransformation:
                        'update(updates, state, params)')
     new_params = optax.apply_updates(params, updates)
     weighted_sum = jax.tree.map(
-        lambda total, value: decay * total + (1 - decay) * value,
+        lambda total, value: (decay * total +
+                              (1 - decay) * value.astype(jnp.float32)),
         state.weighted_sum, new_params)
     total_weight = decay * state.total_weight + (1 - decay)
     return updates, ParameterAverageState(weighted_sum, total_weight)
@@ -81,9 +85,9 @@ def _average_states(opt_state: Any) -> list[ParameterAverageState]:
 def averaged_parameters(opt_state: Any, params: optax.Params
                         ) -> optax.Params:
   """The average kept by a `parameter_average` in `opt_state`
-  (`weighted_sum / total_weight`); `params` themselves where it keeps none,
-  or before its first update (the average of the one set of parameters
-  seen)."""
+  (`weighted_sum / total_weight`, in each parameter's dtype); `params`
+  themselves where it keeps none, or before its first update (the average
+  of the one set of parameters seen)."""
   states = _average_states(opt_state)
   if not states:
     return params
@@ -94,5 +98,6 @@ def averaged_parameters(opt_state: Any, params: optax.Params
   started = total_weight > 0
   divisor = jnp.where(started, total_weight, 1)
   return jax.tree.map(
-      lambda total, value: jnp.where(started, total / divisor, value),
+      lambda total, value: jnp.where(started, total / divisor,
+                                     value).astype(value.dtype),
       weighted_sum, params)

@@ -150,14 +150,17 @@ def state_collections(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return MODELS[model_name(config)].state_collections
 
 
-def variables(state) -> dict[str, Any]:
-  """{'params': ..., and the model state's collections} of a train state,
-  as evaluated, tested and exported: the parameters' moving average where
-  the optimizer keeps one (`config.parameter_average_decay`), else the
-  parameters."""
-  return {'params': averaging.averaged_parameters(state.opt_state,
-                                                  state.params),
-          **getattr(state, 'model_state', {})}
+def variables(state, params: Any = None) -> dict[str, Any]:
+  """{'params': ..., and the model state's collections} of a train state.
+
+  `params` given (the training step's, being differentiated): those. Else
+  the parameters as evaluated, tested and exported: their moving average
+  where the optimizer keeps one (`config.parameter_average_decay`), else
+  the state's parameters.
+  """
+  if params is None:
+    params = averaging.averaged_parameters(state.opt_state, state.params)
+  return {'params': params, **getattr(state, 'model_state', {})}
 
 
 def apply_model(apply_fn, variables: dict[str, Any],

@@ -120,7 +120,7 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array],
 
   def loss_fn(params):
     output, model_state = models.apply_model(
-        state.apply_fn, {**models.variables(state), 'params': params}, batch,
+        state.apply_fn, models.variables(state, params), batch,
         config, train=True, step=state.step)
     per_example = objectives.per_example_losses(output, batch, config)
     means = {name: jnp.mean(value) for name, value in per_example.items()}

@@ -710,6 +710,28 @@ def test_changed_config_is_refused_before_anything_is_written(runs):
   assert not (workdir / 'unreadable_checkpoints').exists()
 
 
+def test_allowed_change_of_the_train_state_is_refused_not_set_aside(runs):
+  """--allow_config_change with a config whose train state differs (here
+  the optimizer keeps a parameter average): the checkpoints cannot restore
+  into it, and are kept, not set aside as unreadable."""
+  reference_dir = runs.reference().succeeded().workdir
+  workdir = runs.workdir('changed_layout')
+  shutil.copytree(reference_dir, workdir)
+  saved_config = (workdir / 'config.json').read_bytes()
+  steps = checkpoint_steps(workdir)
+
+  run = runs.main('changed_layout', {'parameter_average_decay': 0.5},
+                  workdir, args=('--allow_config_change',))
+
+  line = one_error_line(run, 2)
+  assert f'--workdir={workdir} holds checkpoints of another' in line
+  assert re.search(r'\(opt_state/\S+: not in the checkpoint;', line), line
+  assert 'use a new --workdir' in line
+  assert (workdir / 'config.json').read_bytes() == saved_config
+  assert checkpoint_steps(workdir) == steps
+  assert not (workdir / 'unreadable_checkpoints').exists()
+
+
 @pytest.mark.parametrize('damage', ['metrics_json', 'array_bytes'])
 def test_damaged_best_checkpoint_is_set_aside(runs, damage):
   reference_dir = runs.reference().succeeded().workdir

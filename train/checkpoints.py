@@ -34,6 +34,20 @@ from train import parallel
 VALIDATION_ACCURACY = 'validation_accuracy'
 
 
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'opt_state/0/mu/conv1/kernel': shape} of a train state or of orbax's
+  metadata of one (whose dicts, lists and named tuples name the same
+  paths)."""
+  def name(key) -> str:
+    for attribute in ('key', 'name', 'idx'):
+      if hasattr(key, attribute):
+        return str(getattr(key, attribute))
+    return str(key)
+  return {'/'.join(name(key) for key in path):
+              tuple(getattr(leaf, 'shape', ()))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written (e.g. a full disk); the message names
   it. The checkpoints saved before it are untouched."""
@@ -188,6 +202,42 @@ class Checkpoints:
         ),
     )
     return restored['state'], restored['progress']
+
+  def layout_difference(self, abstract_state) -> str | None:
+    """What differs between the arrays of the newest checkpoint and those
+    of `abstract_state` (paths and shapes), e.g. 'opt_state/1/total_weight:
+    not in the checkpoint'; None if nothing does, if there is no
+    checkpoint, or if its metadata cannot be read (then restoring it
+    decides).
+
+    A config change that alters the parameters or the optimizer state
+    cannot resume from these checkpoints: restoring them would fail and
+    set every one of them aside as unreadable.
+    """
+    steps = self.steps()
+    if not steps:
+      return None
+    path = (self.directory / str(steps[-1]) / 'state').absolute()
+    try:
+      saved = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+    except Exception:  # pylint: disable=broad-except
+      return None
+    saved_shapes, wanted = _leaf_shapes(saved), _leaf_shapes(abstract_state)
+    if not saved_shapes:
+      return None
+    differences = (
+        [f'{path}: not in the checkpoint' for path in wanted
+         if path not in saved_shapes] +
+        [f'{path}: only in the checkpoint' for path in saved_shapes
+         if path not in wanted] +
+        [f'{path}: {saved_shapes[path]} in the checkpoint, {wanted[path]} now'
+         for path in wanted
+         if path in saved_shapes and saved_shapes[path] != wanted[path]])
+    if not differences:
+      return None
+    more = len(differences) - 3
+    return '; '.join(differences[:3]) + (f' and {more} more' if more > 0
+                                         else '')
 
   def restore_latest(self, abstract_state):
     """(state, progress) of the newest readable checkpoint, or None."""

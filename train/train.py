@@ -196,7 +196,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir: the run's folder; a rerun must keep the config of the run in it
       except for `workdir.CHANGEABLE_FIELDS`, unless `allow_config_change`.
     allow_config_change: resume the run in `workdir` with this config even
-      where it changes the model, data or optimisation.
+      where it changes the model, data or optimisation, as long as the
+      train state keeps its arrays (else ConfigError: the checkpoints
+      could not restore into it).
 
   Returns:
     The final test metrics of the tested checkpoint and where it came from
@@ -249,8 +251,6 @@ def _load_data(config: ml_collections.ConfigDict):
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: Path,
                         config_changes: dict[str, Any]) -> dict[str, Any]:
   train_data, validation, test = _load_data(config)
-  if jax.process_index() == 0:
-    workdir_lib.save_config(workdir_path, config)  # read by train.trained
   steps_per_epoch = batching.steps_per_epoch(len(train_data[1]),
                                              config.batch_size)
   total_steps = steps_per_epoch * config.num_epochs
@@ -263,6 +263,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: Path,
                                     input_pipeline.image_shape(config)),
                   out_shardings=parallel.replicated)()
   checkpoints = Checkpoints(workdir_path, config.keep_checkpoints)
+  difference = checkpoints.layout_difference(state)
+  if difference is not None:  # Only with --allow_config_change.
+    checkpoints.close()
+    raise ConfigError(
+        f'--workdir={workdir_path} holds checkpoints of another train state '
+        f'than this config builds ({difference}): they cannot resume with '
+        'it; use a new --workdir')
+  if jax.process_index() == 0:
+    workdir_lib.save_config(workdir_path, config)  # read by train.trained
   progress_record: dict[str, Any] = {}
   restored = checkpoints.restore_latest(state)
   if restored is not None:

@@ -217,9 +217,10 @@ class Checkpoints:
     steps = self.steps()
     if not steps:
       return None
-    path = (self.directory / str(steps[-1]) / 'state').absolute()
+    state_directory = (self.directory / str(steps[-1]) / 'state').absolute()
     try:
-      saved = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+      saved = ocp.PyTreeCheckpointer().metadata(
+          state_directory).item_metadata.tree
     except Exception:  # pylint: disable=broad-except
       return None
     saved_shapes, wanted = _leaf_shapes(saved), _leaf_shapes(abstract_state)

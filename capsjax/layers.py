@@ -7,6 +7,7 @@ and squash, norms, routing and softmax always run in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -95,24 +96,33 @@ class PrimaryCapsules(nn.Module):
   capsule_dim: int = 8
   kernel_size: int = 9
   stride: int = 2
-  # The official code's capsule layer effectively scales the conv output by
-  # 1/32 before the squash; the paper does not (1.0).
+  # Multiplies the convolution, not its bias: s = scale * (W * x) + b. The
+  # official code's capsule layer computes its primary capsules so, with
+  # 1/32 (one routing iteration over 32 zero logits); the paper has no
+  # scale (1.0).
   output_scale: float = 1.0
   dtype: Dtype = jnp.float32
   conv_method: str = 'auto'  # `Conv2D.method`
+  kernel_init: Initializer = Conv2D.kernel_init
+  bias_init: Initializer = Conv2D.bias_init
 
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:
     """`(batch, h, w, c)` -> capsules `(batch, h' * w' * types, dim)`, f32."""
+    if self.output_scale != 1.0:
+      # The convolution is linear: scaling its input scales W * x alone.
+      features = self.output_scale * features
     maps = Conv2D(
         self.capsule_types * self.capsule_dim,
         self.kernel_size,
         self.stride,
         dtype=self.dtype,
         method=self.conv_method,
+        kernel_init=self.kernel_init,
+        bias_init=self.bias_init,
     )(features)
     capsules = maps.reshape(features.shape[0], -1, self.capsule_dim)
-    return squash(self.output_scale * capsules.astype(jnp.float32))
+    return squash(capsules.astype(jnp.float32))
 
 
 class CapsuleLayer(nn.Module):
@@ -151,6 +161,11 @@ class CapsuleLayer(nn.Module):
   dtype: Dtype = jnp.float32
   weight_init: Initializer = nn.initializers.normal(stddev=0.01)
   routing: str = 'dynamic'  # one of `routing.ALGORITHMS`
+  # 'dynamic' only: a bias `(out_capsules, out_dim)` added to every s[j]
+  # before the squash, at every iteration (the official code's; the paper
+  # has none).
+  use_bias: bool = False
+  bias_init: Initializer = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(
@@ -165,9 +180,15 @@ class CapsuleLayer(nn.Module):
         self.weight_init,
         (in_capsules, self.out_capsules, in_dim, self.out_dim),
     )
+    if self.use_bias and self.routing != 'dynamic':
+      raise ValueError(f"use_bias is for 'dynamic' routing, not "
+                       f'{self.routing!r}')
     parameters = {}
     if self.routing == 'dynamic':
       parameters['stop_gradient_intermediate'] = self.stop_gradient_intermediate
+      if self.use_bias:
+        parameters['bias'] = self.param(
+            'bias', self.bias_init, (self.out_capsules, self.out_dim))
     elif self.routing == 'em':
       for name in ('beta_u', 'beta_a'):
         parameters[name] = self.param(name, nn.initializers.zeros_init(),
@@ -230,6 +251,8 @@ class MaskedDecoder(nn.Module):
   output_shape: Sequence[int] = (28, 28, 1)
   hidden_sizes: Sequence[int] = (512, 1024)
   dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.Dense.kernel_init
+  bias_init: Initializer = nn.Dense.bias_init
 
   @nn.compact
   def __call__(
@@ -247,13 +270,13 @@ class MaskedDecoder(nn.Module):
       capsules = jnp.repeat(capsules, decoded_per_example, axis=0)
       labels = labels.reshape(-1)
     hidden = mask_capsules(capsules, labels)
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              kernel_init=self.kernel_init,
+                              bias_init=self.bias_init)
     for size in self.hidden_sizes:
-      hidden = nn.relu(nn.Dense(size, dtype=self.dtype)(hidden))
+      hidden = nn.relu(dense(size)(hidden))
     pixels = nn.sigmoid(
-        nn.Dense(math.prod(self.output_shape), dtype=self.dtype)(
-            hidden
-        ).astype(jnp.float32)
-    )
+        dense(math.prod(self.output_shape))(hidden).astype(jnp.float32))
     if per_example:
       return pixels.reshape(batch, decoded_per_example, *self.output_shape)
     return pixels.reshape(batch, *self.output_shape)

@@ -74,6 +74,14 @@ class CapsNet(nn.Module):
   # capsules' lengths as their activations; + beta_u, beta_a, 20 parameters),
   # 'self_attention' (+ log priors, 11,520 parameters) or 'none'.
   routing: str = 'dynamic'
+  # The official code's parameters where the paper is silent: every kernel
+  # drawn from a normal truncated at two standard deviations (0.05 for
+  # conv1, 0.1 for the others), every bias started at 0.1, and a bias on
+  # each class capsule's s[j] at every routing iteration ('dynamic' only;
+  # 160 more parameters). With primary_capsule_scale=1/32 this is the
+  # official network. False: flax's defaults (LeCun normal kernels, zero
+  # biases), W ~ N(0, 0.01^2), no class capsule bias.
+  official_layers: bool = False
 
   @nn.compact
   def __call__(
@@ -93,6 +101,8 @@ class CapsNet(nn.Module):
       raise ValueError(
           f'images must be (batch, height, width, channels), got {images.shape}'
       )
+    conv1_init, primary_init, class_init, decoder_init = (
+        _official_initializers() if self.official_layers else ({},) * 4)
     features = nn.relu(
         Conv2D(
             self.conv_features,
@@ -100,6 +110,7 @@ class CapsNet(nn.Module):
             dtype=self.dtype,
             method=self.conv_method,
             name='conv1',
+            **conv1_init,
         )(images)
     )
     primary = PrimaryCapsules(
@@ -111,6 +122,7 @@ class CapsNet(nn.Module):
         dtype=self.dtype,
         conv_method=self.conv_method,
         name='primary_capsules',
+        **primary_init,
     )(features)
     # EM routing needs each primary capsule's presence: its length.
     primary_activations = (
@@ -123,6 +135,7 @@ class CapsNet(nn.Module):
         dtype=self.dtype,
         routing=self.routing,
         name='class_capsules',
+        **class_init,
     )(primary, primary_activations)
     reconstructions = None
     if self.use_decoder:
@@ -133,8 +146,25 @@ class CapsNet(nn.Module):
           self.decoder_hidden_sizes,
           dtype=self.dtype,
           name='decoder',
+          **decoder_init,
       )(routed.poses, labels)
     return CapsNetOutput(routed.poses, routed.activations, reconstructions)
+
+
+def _official_initializers() -> tuple[dict[str, Any], ...]:
+  """Keyword arguments of conv1, PrimaryCapsules, CapsuleLayer and
+  MaskedDecoder for `CapsNet.official_layers`: TensorFlow's
+  truncated_normal_initializer (cut at 2 standard deviations, the standard
+  deviation named being the uncut one's, as in JAX's) and biases of 0.1."""
+  bias = nn.initializers.constant(0.1)
+  kernel = nn.initializers.truncated_normal(stddev=0.1)
+  return (
+      {'kernel_init': nn.initializers.truncated_normal(stddev=0.05),
+       'bias_init': bias},
+      {'kernel_init': kernel, 'bias_init': bias},
+      {'weight_init': kernel, 'use_bias': True, 'bias_init': bias},
+      {'kernel_init': kernel, 'bias_init': bias},
+  )
 
 
 class EfficientCapsNet(nn.Module):

@@ -31,6 +31,9 @@ Procedure 1 of dynamic routing, for one example, as written in the paper:
     7:     for all i in l and j in (l+1): b[i,j] <- b[i,j] + u_hat[j|i] . v[j]
     8:   return v[j]
 
+(The official code adds a learned bias to s[j] in line 5; `dynamic_routing`
+takes one as `bias`, None by default as in the paper.)
+
 Procedure 1 of EM routing (matrix capsules), for one example:
 
     1: procedure EM ROUTING(a, V)
@@ -208,18 +211,21 @@ batching.primitive_batchers[_transform_p] = _transform_batch
 
 
 def _agreement_update(
-    logits: jax.Array, u_hat: jax.Array
+    logits: jax.Array, u_hat: jax.Array, bias: jax.Array | None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Lines 4-7 of Procedure 1 for one example; returns (b', c, v)."""
   coupling = jax.nn.softmax(logits, axis=-1)  # 4: over parents j
   weighted_sum = jnp.einsum('ij,ijd->jd', coupling, u_hat)  # 5: s[j]
+  if bias is not None:  # The official code's, not the paper's.
+    weighted_sum = weighted_sum + bias
   parents = squash(weighted_sum)  # 6: v[j]
   agreement = jnp.einsum('ijd,jd->ij', u_hat, parents)  # 7: u_hat[j|i] . v[j]
   return logits + agreement, coupling, parents
 
 
 def _route_one_example(
-    u_hat: jax.Array, num_iterations: int, stop_gradient_intermediate: bool
+    u_hat: jax.Array, num_iterations: int, stop_gradient_intermediate: bool,
+    bias: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
   """Procedure 1 for one example: u_hat `(in, out, dim)` -> (v, c).
 
@@ -238,7 +244,7 @@ def _route_one_example(
   logits = jax.lax.optimization_barrier(logits)
 
   def iteration(_, logits):  # 3: repeat r - 1 times ...
-    new_logits, _, _ = _agreement_update(logits, routed_u_hat)
+    new_logits, _, _ = _agreement_update(logits, routed_u_hat, bias)
     return new_logits
 
   # Unrolled (the count is static and small): XLA then fuses across
@@ -253,7 +259,7 @@ def _route_one_example(
   logits = jax.lax.fori_loop(0, num_iterations - 1, iteration, logits,
                              unroll=True)
   # ... and the r-th time, lines 4-6 with the gradient always flowing.
-  _, coupling, parents = _agreement_update(logits, u_hat)
+  _, coupling, parents = _agreement_update(logits, u_hat, bias)
   return parents, coupling  # 8: return v
 
 
@@ -288,6 +294,7 @@ def dynamic_routing(
     *,
     return_coupling: bool = False,
     stop_gradient_intermediate: bool = False,
+    bias: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Routing by agreement between two capsule layers (Procedure 1).
 
@@ -316,6 +323,9 @@ def dynamic_routing(
       iterations treat u_hat as a constant, so the backward pass stores
       nothing per iteration. If False (the paper's Procedure 1 and the
       official code), it flows through every iteration.
+    bias: optional `(out_capsules, dim)`, added to every s[j] in line 5 of
+      every iteration, before the squash: the official code's class capsule
+      layer has one (initialised to 0.1); the paper's has none (None).
 
   Returns:
     v, `(batch, out_capsules, dim)`, in float32 (float64 for float64
@@ -328,10 +338,18 @@ def dynamic_routing(
         'u_hat must be (batch, in_capsules, out_capsules, dim), got shape '
         f'{u_hat.shape}'
     )
+  if bias is not None:
+    expected = (u_hat.shape[2], u_hat.shape[3])
+    if bias.shape != expected:
+      raise ValueError(f'bias must be (out_capsules, dim) = {expected}, got '
+                       f'shape {bias.shape}')
+    bias = bias.astype(_routing_dtype(u_hat.dtype))
+  # One bias for every example: bound here, not mapped over the batch.
   route_example = functools.partial(
       _route_one_example,
       num_iterations=num_iterations,
       stop_gradient_intermediate=stop_gradient_intermediate,
+      bias=bias,
   )
   parents, coupling = jax.vmap(route_example)(u_hat)
   if return_coupling:

@@ -76,6 +76,12 @@ def test_config_errors_are_named():
                      match=r"config.model.routing='k_means': must be one of"):
     config_checks.validate_config(config, 1)
   config = default.get_config()
+  config.model.official_layers = True
+  config.model.routing = 'em'
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"model.official_layers=True: is the official"):
+    config_checks.validate_config(config, 1)
+  config = default.get_config()
   config.stop_at_validation_accuracy = 99.2  # a percentage, not a fraction
   with pytest.raises(config_checks.ConfigError,
                      match=r'stop_at_validation_accuracy=99.2: must be in'):

@@ -28,6 +28,44 @@ def test_primary_capsules_group_channels_not_positions():
   assert bool(jnp.all(jnp.linalg.norm(capsules, axis=-1) < 1.0))
 
 
+def test_primary_capsules_scale_the_convolution_not_its_bias():
+  features = jax.random.normal(jax.random.key(0), (2, 7, 7, 5))
+  module = layers.PrimaryCapsules(
+      capsule_types=2, capsule_dim=4, kernel_size=3, stride=2,
+      output_scale=1 / 32, bias_init=jax.nn.initializers.constant(0.1))
+  variables = module.init(jax.random.key(1), features)
+  params = variables['params']['Conv2D_0']
+  chex.assert_trees_all_equal(params['bias'], jnp.full((8,), 0.1))
+  unbiased = layers.Conv2D(8, 3, 2, use_bias=False).apply(
+      {'params': {'kernel': params['kernel']}}, features)
+  expected = capsjax.squash(
+      (unbiased / 32 + params['bias']).reshape(2, -1, 4))
+  chex.assert_trees_all_close(module.apply(variables, features), expected,
+                              rtol=1e-5, atol=1e-6)
+
+
+def test_capsule_layer_bias_is_added_to_every_parent_before_the_squash():
+  capsules = capsjax.squash(jax.random.normal(jax.random.key(0), (3, 20, 8)))
+  module = layers.CapsuleLayer(
+      out_capsules=4, out_dim=6, routing_iterations=3, use_bias=True,
+      bias_init=jax.nn.initializers.constant(0.1))
+  variables = module.init(jax.random.key(1), capsules)
+  chex.assert_trees_all_equal(variables['params']['bias'],
+                              jnp.full((4, 6), 0.1))
+  u_hat = capsjax.routing.prediction_vectors(
+      capsules, variables['params']['weights'])
+  expected = capsjax.routing.dynamic_routing(
+      u_hat, 3, bias=variables['params']['bias'])
+  chex.assert_trees_all_close(module.apply(variables, capsules).poses,
+                              expected, atol=1e-6)
+  without = layers.CapsuleLayer(4, 6, routing_iterations=3).apply(
+      {'params': {'weights': variables['params']['weights']}}, capsules)
+  assert not np.allclose(without.poses, expected, atol=1e-3)
+  with np.testing.assert_raises_regex(ValueError, "use_bias is for 'dynamic'"):
+    layers.CapsuleLayer(4, 6, routing='none', use_bias=True).init(
+        jax.random.key(1), capsules)
+
+
 def test_capsule_layer_shapes_and_parameters():
   capsules = capsjax.squash(jax.random.normal(jax.random.key(0), (3, 20, 8)))
   module = layers.CapsuleLayer(out_capsules=4, out_dim=6, routing_iterations=2)

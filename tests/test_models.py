@@ -32,6 +32,32 @@ def test_parameter_counts_match_the_paper():
   )
 
 
+def test_official_layers_initialise_as_the_official_code():
+  model = capsjax.CapsNet(official_layers=True, primary_capsule_scale=1 / 32)
+  assert _parameter_count(model, (28, 28, 1)) == 8_215_568 + 10 * 16
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
+  biases = {'conv1': params['conv1']['bias'],
+            'primary': params['primary_capsules']['Conv2D_0']['bias'],
+            'class': params['class_capsules']['bias'],
+            **{name: layer['bias'] for name, layer in params['decoder'].items()}}
+  for bias in biases.values():
+    chex.assert_trees_all_equal(bias, jnp.full(bias.shape, 0.1))
+  kernels = {0.05: [params['conv1']['kernel']],
+             0.1: [params['primary_capsules']['Conv2D_0']['kernel'],
+                   params['class_capsules']['weights'],
+                   *(layer['kernel'] for layer in params['decoder'].values())]}
+  for stddev, arrays in kernels.items():
+    for kernel in arrays:
+      # Cut at two standard deviations, whose standard deviation is then
+      # 0.88 of the uncut one's.
+      assert float(jnp.max(jnp.abs(kernel))) <= 2 * stddev + 1e-6
+      np.testing.assert_allclose(float(jnp.std(kernel)), 0.8796 * stddev,
+                                 rtol=0.1)
+  images = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
+  lengths = model.apply({'params': params}, images).lengths
+  assert bool(jnp.all((lengths > 0.01) & (lengths < 1)))
+
+
 def test_parameter_shapes_of_each_layer():
   shapes = jax.eval_shape(
       capsjax.CapsNet().init, jax.random.key(0), jnp.zeros((1, 28, 28, 1))

@@ -17,8 +17,9 @@ def _u_hat(batch=4, in_capsules=12, out_capsules=5, dim=6, seed=0, scale=0.5):
   )
 
 
-def _procedure_1_loops(u_hat, num_iterations):
-  """The paper's Procedure 1, transcribed with Python loops for one example."""
+def _procedure_1_loops(u_hat, num_iterations, bias=None):
+  """The paper's Procedure 1, transcribed with Python loops for one example
+  (with the official code's bias added to s[j] where one is given)."""
   in_capsules, out_capsules, dim = u_hat.shape
   logits = np.zeros((in_capsules, out_capsules), np.float64)
   for iteration in range(num_iterations):
@@ -29,6 +30,8 @@ def _procedure_1_loops(u_hat, num_iterations):
     parents = np.zeros((out_capsules, dim))
     for j in range(out_capsules):
       s = sum(coupling[i, j] * u_hat[i, j] for i in range(in_capsules))
+      if bias is not None:
+        s = s + bias[j]
       squared = float(np.dot(s, s))
       parents[j] = squared / (1 + squared) * s / np.sqrt(squared)
     if iteration < num_iterations - 1:
@@ -50,6 +53,38 @@ def test_matches_python_loop_transcription(num_iterations):
     )
     np.testing.assert_allclose(parents[example], expected_parents, atol=1e-5)
     np.testing.assert_allclose(coupling[example], expected_coupling, atol=1e-5)
+
+
+@pytest.mark.parametrize('num_iterations', [1, 3])
+def test_bias_matches_python_loop_transcription(num_iterations):
+  u_hat = _u_hat(batch=3, in_capsules=7, out_capsules=4, dim=5)
+  bias = 0.3 * jax.random.normal(jax.random.key(7), (4, 5))
+  parents, coupling = routing.dynamic_routing(
+      u_hat, num_iterations, return_coupling=True, bias=bias)
+  chex.assert_trees_all_close(coupling.sum(-1), jnp.ones((3, 7)), atol=1e-6)
+  for example in range(u_hat.shape[0]):
+    expected_parents, expected_coupling = _procedure_1_loops(
+        np.asarray(u_hat[example], np.float64), num_iterations,
+        np.asarray(bias, np.float64))
+    np.testing.assert_allclose(parents[example], expected_parents, atol=1e-5)
+    np.testing.assert_allclose(coupling[example], expected_coupling, atol=1e-5)
+  # The bias is shared, not mapped over the batch: an example routed alone
+  # gets the same output.
+  alone = routing.dynamic_routing(u_hat[1:2], num_iterations, bias=bias)
+  chex.assert_trees_all_close(alone[0], parents[1], atol=1e-6)
+
+
+def test_bias_gradient_is_finite_at_zero_and_bad_shape_is_an_error():
+  u_hat = jnp.zeros((2, 6, 3, 4))
+
+  def loss(u_hat, bias):
+    return jnp.sum(routing.dynamic_routing(u_hat, 3, bias=bias))
+
+  gradients = jax.grad(loss, argnums=(0, 1))(u_hat, jnp.zeros((3, 4)))
+  chex.assert_tree_all_finite(gradients)
+  # Zero votes and a zero bias: s = 0, where |s| has no derivative.
+  with pytest.raises(ValueError, match=r'bias must be \(out_capsules, dim\)'):
+    routing.dynamic_routing(u_hat, 3, bias=jnp.zeros((4, 3)))
 
 
 def test_output_shapes():

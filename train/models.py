@@ -45,6 +45,11 @@ def routing(config: ml_collections.ConfigDict) -> str:
   return config.model.get('routing', 'dynamic')
 
 
+def official_layers(config: ml_collections.ConfigDict) -> bool:
+  # config.json of workdirs from before the field: flax's initialisers.
+  return config.model.get('official_layers', False)
+
+
 def _capsnet(config: ml_collections.ConfigDict) -> nn.Module:
   model_config = config.model
   return capsjax.CapsNet(
@@ -61,6 +66,7 @@ def _capsnet(config: ml_collections.ConfigDict) -> nn.Module:
       dtype=PRECISIONS[config.precision],
       conv_method=conv_method(config),
       routing=routing(config),
+      official_layers=official_layers(config),
   )
 
 
@@ -136,6 +142,13 @@ def config_problems(config: ml_collections.ConfigDict
     return [('model.routing',
              f'must be {fixed_routing!r} for model.name={name!r} (the '
              'network is built around it)')]
+  if official_layers(config) not in (True, False):
+    return [('model.official_layers', 'must be True or False')]
+  if official_layers(config) and (name != 'capsnet'
+                                  or routing(config) != 'dynamic'):
+    return [('model.official_layers',
+             "is the official code's CapsNet: needs model.name='capsnet' "
+             "and model.routing='dynamic'")]
   return []
 
 

@@ -51,11 +51,14 @@ def get_config() -> ml_collections.ConfigDict:
   # capsjax.convolution.resolve_method), 'patches', 'fourier' or 'lax'. The
   # same maths either way.
   config.model.conv_method = 'auto'
-  # Official code: 1 / 32 (a side effect of its capsule layer); paper: 1.
-  # The official layer also adds a bias of 0.1 after that scale, which
-  # capsjax's does not: 1/32 alone starts slowly (15% validation accuracy
-  # after 30 steps of 128 on 3,840 digits, against 67% at 1).
+  # Multiplies PrimaryCaps' convolution, not its bias. Official code: 1/32
+  # (a side effect of its capsule layer); paper: 1.
   config.model.primary_capsule_scale = 1.0
+  # True: the official code's initialisation (truncated normal kernels,
+  # biases of 0.1) and its bias on the class capsules' s[j]
+  # (capsjax.CapsNet.official_layers). Official: True, with
+  # primary_capsule_scale=1/32 and reconstruction_weight=0.01.
+  config.model.official_layers = False
   # Shortcut for model.routing_iterations (the field most often swept).
   config.routing_iterations = config.model.get_ref('routing_iterations')
 

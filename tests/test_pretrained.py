@@ -68,6 +68,17 @@ def test_model_card_says_when_the_parameters_are_an_average():
           '0.999 a step' in pretrained.model_card(meta))
 
 
+def test_model_card_names_the_official_network():
+  config = default.get_config().to_dict()
+  meta = {'name': 'tiny', 'parameters': 10, 'checkpoint_step': 5,
+          'config': config, 'test_results': None}
+  assert 'official' not in pretrained.model_card(meta)
+  config['model'].update(official_layers=True, primary_capsule_scale=0.03125)
+  assert ("reconstruction weight 0.0005; the official code's initialisation "
+          "and class capsule bias (`official_layers`), PrimaryCaps' "
+          'convolution x0.03125' in pretrained.model_card(meta))
+
+
 def test_damaged_or_unknown_file_is_refused(workdirs, tmp_path_factory,
                                             tmp_path):
   workdir, _ = run('capsnet', default.get_config, workdirs, tmp_path_factory)

@@ -117,6 +117,10 @@ def _model_line(config: dict[str, Any]) -> str:
     line += (f", routing `{model.get('routing', 'dynamic')}`, "
              f"{model.get('routing_iterations', 3)} routing iterations, "
              f"reconstruction weight {config.get('reconstruction_weight')}")
+    if model.get('official_layers', False):
+      line += ("; the official code's initialisation and class capsule "
+               "bias (`official_layers`), PrimaryCaps' convolution x"
+               f"{model.get('primary_capsule_scale')}")
   return line
 
 

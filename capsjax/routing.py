@@ -690,7 +690,7 @@ def route(
       others are non-iterative and ignore it.
     return_coupling: also return the coupling / assignment coefficients.
     **parameters: the algorithm's own arguments: 'dynamic':
-      `stop_gradient_intermediate`; 'em': `beta_u`, `beta_a` (required),
+      `stop_gradient_intermediate`, `bias`; 'em': `beta_u`, `beta_a` (required),
       `inverse_temperatures`, `normalize_cost`, `epsilon`; 'self_attention':
       `log_priors`, `temperature`.
 

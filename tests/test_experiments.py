@@ -76,6 +76,18 @@ def test_config_errors_are_named():
                      match=r"config.model.routing='k_means': must be one of"):
     config_checks.validate_config(config, 1)
   config = default.get_config()
+  config.max_shift = 2.8
+  with pytest.raises(config_checks.ConfigError,
+                     match=r'max_shift=2.8: must be a whole number'):
+    config_checks.validate_config(config, 1)
+  config.subpixel_shifts = True
+  config_checks.validate_config(config, 1)
+  config = multimnist.get_config()
+  config.subpixel_shifts = True
+  with pytest.raises(config_checks.ConfigError,
+                     match=r'subpixel_shifts=True: is for mnist'):
+    config_checks.validate_config(config, 1)
+  config = default.get_config()
   config.model.official_layers = True
   config.model.routing = 'em'
   with pytest.raises(config_checks.ConfigError,

@@ -171,6 +171,69 @@ def test_shift_images_on_unbatched_channels_and_2d():
     np.testing.assert_array_equal(result, shifted(image, dy, dx))
 
 
+def _bilinear_reference(image: np.ndarray, dy: float, dx: float) -> np.ndarray:
+  """out[y, x] = image at (y - dy, x - dx), bilinear, zero outside; loops."""
+  height, width = image.shape[:2]
+  out = np.zeros_like(image, dtype=np.float64)
+  for y in range(height):
+    for x in range(width):
+      source_y, source_x = y - dy, x - dx
+      y0, x0 = int(np.floor(source_y)), int(np.floor(source_x))
+      for row, weight_y in ((y0, 1 - (source_y - y0)), (y0 + 1, source_y - y0)):
+        for col, weight_x in ((x0, 1 - (source_x - x0)),
+                              (x0 + 1, source_x - x0)):
+          if 0 <= row < height and 0 <= col < width:
+            out[y, x] += weight_y * weight_x * image[row, col]
+  return out
+
+
+def test_bilinear_shifts_match_a_loop_transcription():
+  images = random_images(num_images=6, size=7)
+  shifts = np.array([[0.5, -0.25], [-1.75, 2.8], [2.8, -2.8], [0.0, 0.0],
+                     [-0.1, 1.9], [1.0, -2.0]])
+  out = batching.shift_images_bilinear(images, shifts)
+  assert out.dtype == images.dtype and out.shape == images.shape
+  for image, (dy, dx), result in zip(images, shifts, out):
+    np.testing.assert_allclose(result, _bilinear_reference(image, dy, dx),
+                               atol=1e-6)
+
+
+def test_bilinear_shifts_by_whole_pixels_are_the_whole_pixel_shifts():
+  images = random_images(num_images=30)
+  shifts = batching.sample_shifts(np.random.default_rng(3), 30, 2)
+  np.testing.assert_array_equal(
+      batching.shift_images_bilinear(images, shifts.astype(np.float64)),
+      batching.shift_images(images, shifts))
+
+
+def test_subpixel_shifts_are_real_and_keep_an_interior_digit_s_ink():
+  shifts = batching.sample_shifts(np.random.default_rng(0), 2000, 2.8,
+                                  subpixel=True)
+  assert shifts.dtype == np.float64
+  assert -2.8 <= shifts.min() < -2.7 and 2.7 < shifts.max() <= 2.8
+  assert len(np.unique(shifts)) == shifts.size  # not whole pixels
+  # A digit with 3 empty pixels on every side loses no ink to the border:
+  # bilinear interpolation only spreads it.
+  image = np.zeros((1, 14, 14, 1), np.float32)
+  image[0, 3:11, 3:11] = random_images(num_images=1, size=8)[0]
+  for shift in shifts[:50]:
+    moved = batching.shift_images_bilinear(image, shift[None])
+    np.testing.assert_allclose(moved.sum(), image.sum(), rtol=1e-5)
+
+
+def test_train_batch_with_subpixel_shifts_is_a_function_of_seed_and_step():
+  data = id_dataset()
+  kwargs = dict(step=3, batch_size=10, seed=1, max_shift=2.8,
+                subpixel_shifts=True)
+  first = batching.train_batch(data, **kwargs)
+  np.testing.assert_array_equal(first['image'],
+                                batching.train_batch(data, **kwargs)['image'])
+  whole = batching.train_batch(data, step=3, batch_size=10, seed=1)
+  np.testing.assert_array_equal(first['label'], whole['label'])
+  assert first['image'].dtype == np.float32
+  assert not np.array_equal(first['image'], whole['image'])
+
+
 # ---------------------------------------------------------------------------
 # train_batch.
 

@@ -28,9 +28,13 @@ Batch = dict[str, np.ndarray]
 
 
 def sample_shifts(rng: np.random.Generator, shape: int | tuple[int, ...],
-                  max_shift: int) -> np.ndarray:
-  """`(*shape, 2)` int (dy, dx) shifts, uniform in [-max_shift, max_shift]."""
+                  max_shift: float, subpixel: bool = False) -> np.ndarray:
+  """`(*shape, 2)` (dy, dx) shifts, uniform in [-max_shift, max_shift]: whole
+  pixels (int), or with `subpixel` any real shift (float)."""
   shape = (shape,) if isinstance(shape, int) else tuple(shape)
+  if subpixel:
+    return rng.uniform(-max_shift, max_shift, size=(*shape, 2))
+  max_shift = int(max_shift)
   return rng.integers(-max_shift, max_shift + 1, size=(*shape, 2))
 
 
@@ -50,6 +54,35 @@ def shift_images(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
   cols = np.arange(width)[None, :] + (pad - shifts[:, 1:2])  # (N, W)
   index = np.arange(len(images))[:, None, None]
   return padded[index, rows[:, :, None], cols[:, None, :]]
+
+
+def shift_images_bilinear(images: np.ndarray, shifts: np.ndarray
+                          ) -> np.ndarray:
+  """Shifts image i by real shifts[i] = (dy, dx) pixels, with bilinear
+  interpolation and zeros outside the image (as Keras'
+  ImageDataGenerator's shifts, interpolation order 1).
+
+  out[i, y, x] = images[i, y - dy, x - dx], read between pixels: with dy =
+  fy + ty (fy = floor(dy), 0 <= ty < 1), row y - dy lies between rows
+  y - fy - 1 and y - fy, weighted ty and 1 - ty; the same along x. So the
+  result is the four whole-pixel shifts (fy + a, fx + b), a, b in {0, 1},
+  weighted (a ? ty : 1 - ty)(b ? tx : 1 - tx). Whole-pixel shifts give
+  `shift_images`' result exactly.
+  """
+  shifts = np.asarray(shifts, np.float64)
+  whole = np.floor(shifts)
+  fraction = (shifts - whole).astype(images.dtype)
+  whole = whole.astype(np.int64)
+  weight_shape = (len(images),) + (1,) * (images.ndim - 1)
+  result = np.zeros_like(images)
+  for extra_y in (0, 1):
+    weight_y = fraction[:, 0] if extra_y else 1 - fraction[:, 0]
+    for extra_x in (0, 1):
+      weight_x = fraction[:, 1] if extra_x else 1 - fraction[:, 1]
+      weight = (weight_y * weight_x).reshape(weight_shape)
+      if np.any(weight):
+        result += weight * shift_images(images, whole + (extra_y, extra_x))
+  return result
 
 
 # ---------------------------------------------------------------------------
@@ -99,13 +132,15 @@ def step_rows(seed: int, step: int, num_examples: int,
 
 def train_batch(data: tuple[np.ndarray, np.ndarray], step: int,
                 batch_size: int, seed: int, process_index: int = 0,
-                process_count: int = 1, max_shift: int = 2) -> Batch:
+                process_count: int = 1, max_shift: float = 2,
+                subpixel_shifts: bool = False) -> Batch:
   """This process's part of the global training batch of `step`.
 
   The global batch is a pure function of (seed, step): the rows
   `step_rows(seed, step, ...)`, each image randomly shifted by up to
-  `max_shift` pixels with an rng seeded by (seed, 1, step). Process p of P
-  gets rows [p * B / P, (p + 1) * B / P) of it.
+  `max_shift` pixels with an rng seeded by (seed, 1, step): whole pixels,
+  or with `subpixel_shifts` any real shift, interpolated bilinearly. Process
+  p of P gets rows [p * B / P, (p + 1) * B / P) of it.
 
   Args:
     data: (images, labels) of the training split.
@@ -115,6 +150,7 @@ def train_batch(data: tuple[np.ndarray, np.ndarray], step: int,
     process_index: p, this process.
     process_count: P.
     max_shift: augmentation shift; 0 for none.
+    subpixel_shifts: real shifts (bilinear) instead of whole pixels.
 
   Returns:
     dict(image=float32 (B / P, H, W, C), label=int32 (B / P,)).
@@ -123,8 +159,9 @@ def train_batch(data: tuple[np.ndarray, np.ndarray], step: int,
   rows_of_host = host_rows(batch_size, process_index, process_count)
   rows = step_rows(seed, step, len(labels), batch_size)[rows_of_host]
   shifts = sample_shifts(np.random.default_rng([seed, 1, step]), batch_size,
-                         max_shift)[rows_of_host]
-  return {'image': shift_images(images[rows], shifts), 'label': labels[rows]}
+                         max_shift, subpixel_shifts)[rows_of_host]
+  shift = shift_images_bilinear if subpixel_shifts else shift_images
+  return {'image': shift(images[rows], shifts), 'label': labels[rows]}
 
 
 def batches_of_steps(batch_of_step: Callable[[int], Batch],

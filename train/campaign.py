@@ -225,6 +225,19 @@ ROWS: tuple[Row, ...] = (
                    ('reconstruction_weight', 0.01),
                    ('model.primary_capsule_scale', 1 / 32),
                    ('model.official_layers', True))),
+    Row(name='mnist_r3_subpixel_shifts',
+        what="row 1 with the Keras port's augmentation: real shifts of up "
+        'to 2.8 pixels, interpolated bilinearly; 30 epochs',
+        paper='0.25% test error (the Keras port: 0.34%, mean of 3)',
+        paper_length=PAPER_50_EPOCHS,
+        # Every other row-1 run shifts by whole pixels (the paper's 2): its
+        # training accuracy on those batches reaches 99.84-99.96% while the
+        # validation accuracy stays at 99.6%. The Keras port's
+        # ImageDataGenerator shifts by up to 10% of the width (2.8 pixels),
+        # interpolated: more, and finer, positions of each digit.
+        overrides=(('num_epochs', 30),
+                   ('max_shift', 2.8),
+                   ('subpixel_shifts', True))),
     *_ablation_rows(),
     Row(name='affnist_capsnet',
         what='CapsNet trained on MNIST at random places on 40x40, tested '

@@ -73,7 +73,13 @@ def _digits_train_batch(config: ml_collections.ConfigDict, data: Arrays,
                         process_count: int) -> batching.Batch:
   return batching.train_batch(data, step, config.batch_size, config.seed,
                               process_index, process_count,
-                              max_shift=config.max_shift)
+                              max_shift=config.max_shift,
+                              subpixel_shifts=subpixel_shifts(config))
+
+
+def subpixel_shifts(config: ml_collections.ConfigDict) -> bool:
+  # config.json of workdirs from before the field: whole pixels.
+  return config.get('subpixel_shifts', False)
 
 
 def _digits_eval_sets(config: ml_collections.ConfigDict, validation: Arrays,
@@ -120,6 +126,14 @@ def config_problems(config: ml_collections.ConfigDict
   if validation_size == 0 and not dataset.trains_without_validation:
     return [('validation_size', f'must be >= 1 for {config.dataset}: its '
              'validation set is made from the held-out training digits')]
+  if subpixel_shifts(config) not in (True, False):
+    return [('subpixel_shifts', 'must be True or False')]
+  if subpixel_shifts(config) and dataset.settings:
+    return [('subpixel_shifts', f'is for mnist and fashion_mnist; '
+             f'{config.dataset} places its digits by whole pixels')]
+  if not subpixel_shifts(config) and config.max_shift != int(config.max_shift):
+    return [('max_shift', 'must be a whole number of pixels (or set '
+             'subpixel_shifts=True for real shifts)')]
   return dataset.config_problems(config)
 
 

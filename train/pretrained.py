@@ -124,6 +124,12 @@ def _model_line(config: dict[str, Any]) -> str:
   return line
 
 
+def _shift_kind(config: dict[str, Any]) -> str:
+  if config.get('subpixel_shifts', False):
+    return ' (real shifts, interpolated bilinearly)'
+  return ''
+
+
 def _percent(value: float) -> str:
   return f'{100 * value:.2f}%'
 
@@ -145,7 +151,8 @@ def model_card(meta: dict[str, Any], record: dict[str, Any] | None = None,
       _model_line(config),
       f"- data: {config.get('dataset')}, the last "
       f"{config.get('validation_size')} training images held out for "
-      f"validation, random shifts of up to {config.get('max_shift')} pixels",
+      f"validation, random shifts of up to {config.get('max_shift'):g} "
+      f"pixels{_shift_kind(config)}",
       f"- optimisation: Adam, learning rate {config.get('learning_rate')} "
       f"decayed x{config.get('learning_rate_decay_rate')} every "
       f"{config.get('learning_rate_decay_steps')} steps, batch "

@@ -23,7 +23,13 @@ def get_config() -> ml_collections.ConfigDict:
   # tested. 0: train on every example and test the last checkpoint
   # (mnist and fashion_mnist only).
   config.validation_size = 5000
-  config.max_shift = 2  # random shift of training images, pixels
+  # Random shift of training images, pixels (a float field, so that
+  # --config.max_shift=2.8 parses; whole numbers unless subpixel_shifts).
+  config.max_shift = 2.0
+  # False: whole-pixel shifts (the paper's). True: real shifts uniform in
+  # [-max_shift, max_shift], interpolated bilinearly (the Keras port:
+  # max_shift=2.8, 10% of the width). mnist and fashion_mnist only.
+  config.subpixel_shifts = False
   # Use only the first N training / evaluation examples (-1 = all); for
   # smoke tests and quick experiments.
   config.num_train_examples = -1

@@ -82,6 +82,10 @@ def test_config_errors_are_named():
     config_checks.validate_config(config, 1)
   config.subpixel_shifts = True
   config_checks.validate_config(config, 1)
+  config.max_shift = float('inf')
+  with pytest.raises(config_checks.ConfigError,
+                     match=r'max_shift=inf: must be a finite number'):
+    config_checks.validate_config(config, 1)
   config = multimnist.get_config()
   config.subpixel_shifts = True
   with pytest.raises(config_checks.ConfigError,

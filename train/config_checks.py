@@ -76,7 +76,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
           'must be in [0, 1) (a fraction; 0: no target)')
   for field in ('learning_rate', 'learning_rate_decay_rate',
                 'reconstruction_weight', 'margin_positive', 'margin_negative',
-                'absent_class_weight', 'model.primary_capsule_scale'):
+                'absent_class_weight', 'model.primary_capsule_scale',
+                'max_shift'):
     value = config_value(config, field)
     require(isinstance(value, (int, float)) and math.isfinite(value), field,
             'must be a finite number')

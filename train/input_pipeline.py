@@ -131,7 +131,8 @@ def config_problems(config: ml_collections.ConfigDict
   if subpixel_shifts(config) and dataset.settings:
     return [('subpixel_shifts', f'is for mnist and fashion_mnist; '
              f'{config.dataset} places its digits by whole pixels')]
-  if not subpixel_shifts(config) and config.max_shift != int(config.max_shift):
+  if (not subpixel_shifts(config)
+      and not float(config.max_shift).is_integer()):
     return [('max_shift', 'must be a whole number of pixels (or set '
              'subpixel_shifts=True for real shifts)')]
   return dataset.config_problems(config)

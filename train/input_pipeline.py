@@ -77,8 +77,9 @@ def _digits_train_batch(config: ml_collections.ConfigDict, data: Arrays,
                               subpixel_shifts=subpixel_shifts(config))
 
 
-def subpixel_shifts(config: ml_collections.ConfigDict) -> bool:
-  # config.json of workdirs from before the field: whole pixels.
+def subpixel_shifts(config: ml_collections.ConfigDict | dict[str, Any]
+                    ) -> bool:
+  # A ConfigDict or a saved config.json (before the field: whole pixels).
   return config.get('subpixel_shifts', False)
 
 

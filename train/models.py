@@ -45,9 +45,11 @@ def routing(config: ml_collections.ConfigDict) -> str:
   return config.model.get('routing', 'dynamic')
 
 
-def official_layers(config: ml_collections.ConfigDict) -> bool:
-  # config.json of workdirs from before the field: flax's initialisers.
-  return config.model.get('official_layers', False)
+def official_layers(config: ml_collections.ConfigDict | dict[str, Any]
+                    ) -> bool:
+  # A ConfigDict or a saved config.json (before the field: flax's
+  # initialisers).
+  return config['model'].get('official_layers', False)
 
 
 def _capsnet(config: ml_collections.ConfigDict) -> nn.Module:

@@ -117,7 +117,7 @@ def _model_line(config: dict[str, Any]) -> str:
     line += (f", routing `{model.get('routing', 'dynamic')}`, "
              f"{model.get('routing_iterations', 3)} routing iterations, "
              f"reconstruction weight {config.get('reconstruction_weight')}")
-    if model.get('official_layers', False):
+    if models.official_layers(config):
       line += ("; the official code's initialisation and class capsule "
                "bias (`official_layers`), PrimaryCaps' convolution x"
                f"{model.get('primary_capsule_scale')}")
@@ -125,7 +125,7 @@ def _model_line(config: dict[str, Any]) -> str:
 
 
 def _shift_kind(config: dict[str, Any]) -> str:
-  if config.get('subpixel_shifts', False):
+  if input_pipeline.subpixel_shifts(config):
     return ' (real shifts, interpolated bilinearly)'
   return ''
 

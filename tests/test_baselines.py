@@ -1,4 +1,5 @@
-"""The baseline CNN and LeNet-5: parameter counts, shapes, dropout."""
+"""The baseline CNN and LeNet-5: parameter counts, shapes, dropout, and
+LeNet-5's batch-minor layout against its NHWC one."""
 
 import chex
 import jax
@@ -124,6 +125,99 @@ def test_capsjax_convolutions_match_lax_conv(make, implementation):
                                                         images).logits
 
   chex.assert_trees_all_close(*run(images), atol=1e-5)
+
+
+@pytest.mark.parametrize('height, width, in_channels, out_channels', [
+    (12, 12, 1, 6), (11, 9, 3, 4)])
+def test_conv_batch_minor_matches_lax_conv(height, width, in_channels,
+                                           out_channels):
+  """Value and both gradients against `lax.conv_general_dilated` (NHWC),
+  on an even square and an odd rectangular grid."""
+  images = jax.random.normal(jax.random.key(0), (2, height, width,
+                                                 in_channels))
+  kernel = jax.random.normal(jax.random.key(1), (5, 5, in_channels,
+                                                 out_channels))
+  cotangent = jax.random.normal(jax.random.key(2), (2, height - 4, width - 4,
+                                                    out_channels))
+
+  def by_lax(images, kernel):
+    outputs = jax.lax.conv_general_dilated(
+        images, kernel, (1, 1), 'VALID',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum(outputs * cotangent), outputs
+
+  def batch_minor(images, kernel):
+    outputs = jnp.transpose(baselines.conv_batch_minor(
+        jnp.transpose(images, (3, 1, 2, 0)), kernel), (3, 1, 2, 0))
+    return jnp.sum(outputs * cotangent), outputs
+
+  (_, expected), expected_gradients = jax.jit(jax.value_and_grad(
+      by_lax, argnums=(0, 1), has_aux=True))(images, kernel)
+  (_, ours), gradients = jax.jit(jax.value_and_grad(
+      batch_minor, argnums=(0, 1), has_aux=True))(images, kernel)
+  chex.assert_trees_all_close(ours, expected, atol=1e-4, rtol=1e-5)
+  chex.assert_trees_all_close(gradients, expected_gradients, atol=1e-3,
+                              rtol=1e-5)
+  with pytest.raises(ValueError, match='channels'):
+    baselines.conv_batch_minor(jnp.zeros((in_channels + 1, 9, 9, 2)), kernel)
+
+
+@pytest.mark.parametrize('activation, pooling, height, width', [
+    ('relu', 'max', 28, 28),
+    ('tanh', 'avg', 36, 36),
+    ('relu', 'max', 29, 27),  # odd sides: the pooling pads
+])
+def test_lenet5_batch_minor_layout_matches_nhwc(activation, pooling, height,
+                                                width):
+  """The same parameters give the same logits and gradients either way."""
+  images = jax.random.uniform(jax.random.key(0), (3, height, width, 1))
+  labels = jnp.array([1, 7, 3])
+  batch_minor, nhwc = (
+      baselines.LeNet5(activation=activation, pooling=pooling,
+                       conv_implementation=implementation, layout=layout)
+      for implementation, layout in (('patches', 'batch_minor'),
+                                     ('lax', 'nhwc')))
+
+  @jax.jit
+  def run(images):
+    params = batch_minor.init(jax.random.key(1), images)['params']
+    chex.assert_trees_all_equal_shapes(
+        params, nhwc.init(jax.random.key(1), images)['params'])
+
+    def loss(params, model):
+      logits = model.apply({'params': params}, images).logits
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                           labels[:, None], axis=1))
+
+    return [jax.value_and_grad(loss)(params, model)
+            for model in (batch_minor, nhwc)]
+
+  (loss, gradients), (expected_loss, expected_gradients) = run(images)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  chex.assert_trees_all_close(gradients, expected_gradients, atol=1e-5)
+  chex.assert_tree_all_finite(gradients)
+
+
+def test_lenet5_layout_resolution():
+  """'auto' takes the batch-minor layout on the CPU with convolutions by
+  patches, NHWC elsewhere (cuDNN, TPU) or with other convolutions."""
+  for implementation in ('auto', 'patches'):
+    assert baselines.resolve_layout('auto', implementation,
+                                    'cpu') == 'batch_minor'
+  for implementation in ('lax', 'fourier'):
+    assert baselines.resolve_layout('auto', implementation, 'cpu') == 'nhwc'
+  for platform in ('gpu', 'cuda', 'rocm', 'tpu'):
+    assert baselines.resolve_layout('auto', 'auto', platform) == 'nhwc'
+  assert baselines.resolve_layout('nhwc', 'patches', 'cpu') == 'nhwc'
+  assert baselines.resolve_layout('batch_minor', 'auto', 'gpu') == (
+      'batch_minor')
+  with pytest.raises(ValueError, match="conv_implementation must be 'auto' "
+                     "or 'patches', got 'lax'"):
+    baselines.resolve_layout('batch_minor', 'lax')
+  with pytest.raises(ValueError, match="layout 'nchw' must be one of"):
+    baselines.LeNet5(layout='nchw').init(jax.random.key(0),
+                                         jnp.zeros((1, 28, 28, 1)))
 
 
 def test_dropout_only_when_not_deterministic():

@@ -26,7 +26,11 @@ style.
 
 Convolutions: `conv_implementation` is 'lax' (`nn.Conv`, the module
 default) or a `capsjax.convolution` method on a zero-padded input (same
-parameters, same maths). The training program passes
+parameters, same maths). LeNet-5 can also run its convolutions and pooling
+with the batch as the minor axis (`layout='batch_minor'`, the default on
+the CPU with 'auto' or 'patches' convolutions; same parameters, same
+maths): its 6 and 16 channels are too few to fill a CPU's vector lanes, the
+batch's 128 fill them (`conv_batch_minor`). The training program passes
 `config.model.conv_method` ('auto' by default: the convolution theorem for
 the 256-channel layers of BaselineCNN on CPU, patches elsewhere). Measured
 as one jitted SGD step at batch 32 on 28x28 (2 CPU cores, another job
@@ -58,6 +62,14 @@ class ClassifierOutput(NamedTuple):
   reconstructions: jax.Array | None = None
 
 
+def pad_same(images: jax.Array, kernel_size: int) -> jax.Array:
+  """Zeros around the spatial axes (1 and 2) for a SAME stride-1
+  convolution: k - 1 in all, the extra one after, as `nn.Conv` pads."""
+  before = (kernel_size - 1) // 2
+  after = (kernel_size - 1) - before
+  return jnp.pad(images, ((0, 0), (before, after), (before, after), (0, 0)))
+
+
 def conv(features: int, kernel_size: int, images: jax.Array,
          implementation: str, dtype: Dtype, name: str,
          padding: str = 'SAME') -> jax.Array:
@@ -71,11 +83,7 @@ def conv(features: int, kernel_size: int, images: jax.Array,
     raise ValueError(f'conv implementation {implementation!r} must be one of '
                      f'{CONV_IMPLEMENTATIONS}')
   if padding == 'SAME':
-    # SAME at stride 1: k - 1 zeros in all, the extra one after.
-    before = (kernel_size - 1) // 2
-    after = (kernel_size - 1) - before
-    images = jnp.pad(images,
-                     ((0, 0), (before, after), (before, after), (0, 0)))
+    images = pad_same(images, kernel_size)
   return capsjax.Conv2D(features, kernel_size, dtype=dtype,
                         method=implementation, name=name)(images)
 
@@ -83,7 +91,8 @@ def conv(features: int, kernel_size: int, images: jax.Array,
 def pool_2x2(images: jax.Array, kind: str) -> jax.Array:
   """2x2 pooling at stride 2 with 'SAME' padding, as `nn.max_pool` /
   `nn.avg_pool(..., (2, 2), strides=(2, 2), padding='SAME')`:
-  `(batch, h, w, c)` -> `(batch, ceil(h / 2), ceil(w / 2), c)`.
+  `(batch, h, w, c)` -> `(batch, ceil(h / 2), ceil(w / 2), c)`; the same
+  for `(c, h, w, batch)` (the spatial axes are 1 and 2 in both).
 
   An odd side is padded at its end (with -inf for 'max'; with zeros for
   'avg', which then divides by 4, as flax counts the padding). The windows
@@ -97,14 +106,14 @@ def pool_2x2(images: jax.Array, kind: str) -> jax.Array:
   """
   if kind not in ('max', 'avg'):
     raise ValueError(f"pooling {kind!r} must be 'max' or 'avg'")
-  batch, height, width, channels = images.shape
+  leading, height, width, trailing = images.shape
   padding = ((0, 0), (0, height % 2), (0, width % 2), (0, 0))
   if kind == 'max':
     padded = jnp.pad(images, padding, constant_values=-jnp.inf)
   else:
     padded = jnp.pad(images, padding)
-  windows = padded.reshape(batch, (height + 1) // 2, 2, (width + 1) // 2, 2,
-                           channels)
+  windows = padded.reshape(leading, (height + 1) // 2, 2, (width + 1) // 2, 2,
+                           trailing)
   corners = [windows[:, :, row, :, column]
              for row in (0, 1) for column in (0, 1)]
   if kind == 'max':
@@ -114,6 +123,86 @@ def pool_2x2(images: jax.Array, kind: str) -> jax.Array:
     return jnp.maximum(jnp.maximum(corners[0], corners[1]),
                        jnp.maximum(corners[2], corners[3]))
   return (corners[0] + corners[1] + corners[2] + corners[3]) / 4
+
+
+LAYOUTS = ('auto', 'nhwc', 'batch_minor')
+
+
+def conv_batch_minor(images: jax.Array, kernel: jax.Array,
+                     compute_dtype: Dtype | None = None) -> jax.Array:
+  """VALID stride-1 convolution of `(in_channels, height, width, batch)`
+  activations by an HWIO kernel, as one matrix product:
+
+      out[o, y, x, b] = sum_{r, c, i} kernel[r, c, i, o]
+                                      * images[i, y + r, x + c, b]
+
+  The patches are `(size * size * in_channels, out_height * out_width *
+  batch)`, rows ordered as the kernel's `(r, c, i)`; a product of the
+  `(out_channels, size * size * in_channels)` kernel by them gives the
+  output in the same layout. Accumulated and returned in float32 (inputs
+  cast to `compute_dtype`, as `capsjax.convolution.conv2d`).
+
+  Returns:
+    `(out_channels, out_height, out_width, batch)`.
+  """
+  size, _, in_channels, out_channels = kernel.shape
+  if images.shape[0] != in_channels:
+    raise ValueError(f'images have {images.shape[0]} channels (axis 0), '
+                     f'kernel expects {in_channels}')
+  _, height, width, batch = images.shape
+  out_height, out_width = height - size + 1, width - size + 1
+  # Columns first, then rows of those: 2 x size slices, not size^2
+  # (as `capsjax.convolution.extract_patches`).
+  by_columns = jnp.stack([images[:, :, column:column + out_width]
+                          for column in range(size)])
+  patches = jnp.stack([by_columns[:, :, row:row + out_height]
+                       for row in range(size)])
+  patches = patches.reshape(size * size * in_channels,
+                            out_height * out_width * batch)
+  outputs = capsjax.convolution.float32_einsum(
+      'ko,km->om', kernel.reshape(-1, out_channels), patches, compute_dtype)
+  return outputs.reshape(out_channels, out_height, out_width, batch)
+
+
+class BatchMinorConv(nn.Module):
+  """A stride-1 convolution with bias on `(channels, h, w, batch)`
+  activations; the same parameters ('kernel' HWIO, 'bias') and
+  initialisers as `nn.Conv` and `capsjax.Conv2D`."""
+
+  features: int
+  kernel_size: int
+  padding: str = 'SAME'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (self.kernel_size, self.kernel_size, images.shape[0],
+                         self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    if self.padding == 'SAME':
+      images = pad_same(images, self.kernel_size)
+    outputs = conv_batch_minor(images, kernel, self.dtype)
+    return outputs + bias[:, None, None, None]
+
+
+def resolve_layout(layout: str, conv_implementation: str,
+                   platform: str | None = None) -> str:
+  """The layout LeNet-5 runs for `layout` ('auto' resolved): 'batch_minor'
+  on the CPU when its convolutions are by patches ('auto' or 'patches'),
+  else 'nhwc' (cuDNN and TPU convolutions take channels-minor
+  activations)."""
+  if layout not in LAYOUTS:
+    raise ValueError(f'layout {layout!r} must be one of {LAYOUTS}')
+  by_patches = conv_implementation in ('auto', 'patches')
+  if layout == 'batch_minor' and not by_patches:
+    raise ValueError("layout 'batch_minor' convolves by patches: "
+                     "conv_implementation must be 'auto' or 'patches', got "
+                     f'{conv_implementation!r}')
+  if layout != 'auto':
+    return layout
+  platform = jax.default_backend() if platform is None else platform
+  return 'batch_minor' if platform == 'cpu' and by_patches else 'nhwc'
 
 
 class BaselineCNN(nn.Module):
@@ -160,6 +249,8 @@ class LeNet5(nn.Module):
   activation: str = 'relu'  # or 'tanh'
   pooling: str = 'max'  # or 'avg'
   conv_implementation: str = 'lax'
+  # 'auto', 'nhwc' or 'batch_minor' (`resolve_layout`).
+  layout: str = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -171,12 +262,24 @@ class LeNet5(nn.Module):
       raise ValueError(f"activation {self.activation!r} must be 'relu' or "
                        "'tanh'")
     activation = nn.relu if self.activation == 'relu' else jnp.tanh
-    hidden = activation(conv(6, 5, images, self.conv_implementation,
-                             self.dtype, 'conv1'))
-    hidden = pool_2x2(hidden, self.pooling)
-    hidden = activation(conv(16, 5, hidden, self.conv_implementation,
-                             self.dtype, 'conv2', padding='VALID'))
-    hidden = pool_2x2(hidden, self.pooling)
+    if resolve_layout(self.layout, self.conv_implementation) == 'nhwc':
+      hidden = activation(conv(6, 5, images, self.conv_implementation,
+                               self.dtype, 'conv1'))
+      hidden = pool_2x2(hidden, self.pooling)
+      hidden = activation(conv(16, 5, hidden, self.conv_implementation,
+                               self.dtype, 'conv2', padding='VALID'))
+      hidden = pool_2x2(hidden, self.pooling)
+    else:
+      hidden = jnp.transpose(images, (3, 1, 2, 0))
+      hidden = activation(BatchMinorConv(6, 5, dtype=self.dtype,
+                                         name='conv1')(hidden))
+      hidden = pool_2x2(hidden, self.pooling)
+      hidden = activation(BatchMinorConv(16, 5, padding='VALID',
+                                         dtype=self.dtype,
+                                         name='conv2')(hidden))
+      hidden = pool_2x2(hidden, self.pooling)
+      # Back to NHWC before flattening: fc1's rows keep one order.
+      hidden = jnp.transpose(hidden, (3, 1, 2, 0))
     hidden = hidden.reshape(hidden.shape[0], -1)
     hidden = activation(nn.Dense(120, dtype=self.dtype, name='fc1')(hidden))
     hidden = activation(nn.Dense(84, dtype=self.dtype, name='fc2')(hidden))

@@ -161,6 +161,9 @@ def test_conv_batch_minor_matches_lax_conv(height, width, in_channels,
                               rtol=1e-5)
   with pytest.raises(ValueError, match='channels'):
     baselines.conv_batch_minor(jnp.zeros((in_channels + 1, 9, 9, 2)), kernel)
+  with pytest.raises(ValueError, match="padding 'valid' must be"):
+    baselines.BatchMinorConv(4, 5, padding='valid').init(
+        jax.random.key(0), jnp.zeros((in_channels, 9, 9, 2)))
 
 
 @pytest.mark.parametrize('activation, pooling, height, width', [

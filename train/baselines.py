@@ -176,6 +176,8 @@ class BatchMinorConv(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
+    if self.padding not in ('SAME', 'VALID'):
+      raise ValueError(f"padding {self.padding!r} must be 'SAME' or 'VALID'")
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (self.kernel_size, self.kernel_size, images.shape[0],
                          self.features))

@@ -174,6 +174,7 @@ class BareSteps:
     in_flight = train_lib.StepsInFlight()
     start = time.perf_counter()
     for index, batch in enumerate(batches, 1):
+      in_flight.make_room()
       self.state, metrics = self.step(self.state, batch)
       in_flight.dispatched(metrics)
       if index % wait_every == 0:

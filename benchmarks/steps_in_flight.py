@@ -1,20 +1,24 @@
 """Speed and host memory of the training loop against its steps in flight.
 
 JAX dispatches a jitted step and returns before it has run, so a loop can
-queue many steps ahead of the one running. The training loop waits for a
-step's metrics every `log_every_steps` (50) for the progress line, and keeps
-at most `train.train.MAX_STEPS_IN_FLIGHT` steps unfinished. This runs the
-MNIST CapsNet training step (`train.train.train_step`, jitted, state
-donated) over `--steps` random batches for each `--limits` value (steps
-unfinished at most, waiting for the metrics every `--wait-every` steps as
-the loop does; 0: wait for every step), each in a fresh process, so that its
-peak resident memory (`ru_maxrss`, compilation included) is its own. The
-limits alternate, `--repeats` times, and the table gives each limit's median
-seconds per step and peak memory, with every run's figure beside it.
+queue steps behind the one running; XLA:CPU takes a queued step's
+temporary buffers at its dispatch. The training loop makes the next batch
+while a step runs and keeps at most `train.train.MAX_STEPS_IN_FLIGHT` steps
+unfinished (1: a step is dispatched once the one before it has finished).
+This runs a training step (`train.train.train_step`, jitted, state donated;
+the MNIST CapsNet, or `--experiment`'s model on its inputs) over `--steps`
+batches for each `--limits` value (steps unfinished at most, the one being
+dispatched included; waiting for the metrics every `--wait-every` steps as
+the loop does), each in a fresh process, so that its peak resident memory
+(`ru_maxrss`, compilation included) is its own. Every step gets a fresh
+host copy of its batch, made before the wait, as the loop's batches are.
+The limits alternate, `--repeats` times, and the table gives each limit's
+median seconds per step and peak memory, with every run's figure beside it.
 
 Examples:
 
     python benchmarks/steps_in_flight.py --out in_flight.json
+    python benchmarks/steps_in_flight.py --experiment multimnist --steps 60
     python benchmarks/steps_in_flight.py --small --steps 6 --limits 4,1 \\
         --repeats 1                                      # smoke test
 """
@@ -36,14 +40,16 @@ if __package__ in (None, ''):  # Run as a script: make `benchmarks` importable.
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
+from benchmarks import train_step  # pylint: disable=g-import-not-at-top
+from benchmarks.train_step import EXPERIMENTS  # pylint: disable=g-import-not-at-top
 
 RESULT_PREFIX = 'steps_in_flight_result: '
 
 
 def parse_args(argv: Sequence[str] | None):
   parser = common.make_parser(__doc__)
-  parser.add_argument('--limits', default='50,2,1,0',
-                      help='comma-separated steps-in-flight limits')
+  parser.add_argument('--limits', default='3,2,1',
+                      help='comma-separated steps-in-flight limits (>= 1)')
   parser.add_argument('--steps', type=int, default=150,
                       help='timed steps per run')
   parser.add_argument('--wait-every', type=int, default=50,
@@ -54,6 +60,10 @@ def parse_args(argv: Sequence[str] | None):
   parser.add_argument('--batch-size', type=int, default=128)
   parser.add_argument('--small', action='store_true',
                       help='a tiny CapsNet (smoke tests)')
+  parser.add_argument('--experiment', default='mnist',
+                      choices=('mnist', *EXPERIMENTS),
+                      help="the step of another experiment's model and inputs "
+                      '(benchmarks/train_step.py --experiments)')
   parser.add_argument('--out', help='write the results as JSON here')
   # The run of one limit, in a process of its own.
   parser.add_argument('--child', type=int, default=None,
@@ -61,8 +71,10 @@ def parse_args(argv: Sequence[str] | None):
   common.add_allocator_argument(parser)
   args = parser.parse_args(argv)
   args.limits = common.parse_int_list(args.limits)
-  if any(limit < 0 for limit in args.limits):
-    parser.error('--limits must be >= 0')
+  if any(limit < 1 for limit in args.limits):
+    parser.error('--limits must be >= 1 (the step being dispatched)')
+  if args.small and args.experiment != 'mnist':
+    parser.error('--small is the MNIST CapsNet only')
   for name in ('steps', 'wait_every', 'repeats', 'batch_size'):
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -77,22 +89,30 @@ def run_limit(args) -> dict[str, Any]:
   from train import host_memory  # pylint: disable=g-import-not-at-top
   from train import train as train_lib  # pylint: disable=g-import-not-at-top
 
-  config = common.make_config(batch_size=args.batch_size, small=args.small)
+  if args.experiment == 'mnist':
+    config = common.make_config(batch_size=args.batch_size, small=args.small)
+    state = common.create_state(config)
+    rng = np.random.default_rng(0)
+    batch = {'image': rng.random((args.batch_size, 28, 28, 1), np.float32),
+             'label': rng.integers(0, 10, args.batch_size).astype(np.int32)}
+  else:
+    config, _, batch, state = train_step.experiment_inputs(args.experiment,
+                                                           args.batch_size)
+    batch = jax.device_get(batch)
   step = jax.jit(functools.partial(train_lib.train_step, config=config),
                  donate_argnums=0)
-  state = common.state_for(common.create_state(config), config)
-  rng = np.random.default_rng(0)
-  # Host arrays, as the loop's batches are: each call copies its batch in.
-  batches = [{'image': rng.random((args.batch_size, 28, 28, 1), np.float32),
-              'label': rng.integers(0, 10, args.batch_size).astype(np.int32)}
-             for _ in range(args.steps + 2)]
-  for batch in batches[:2]:  # Compiles, then one step warm.
+  state = common.state_for(state, config)
+  for _ in range(2):  # Compiles, then one step warm.
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
   in_flight = train_lib.StepsInFlight(args.child)
   start = time.perf_counter()
-  for index, batch in enumerate(batches[2:], 1):
-    state, metrics = step(state, batch)
+  for index in range(1, args.steps + 1):
+    # A fresh host batch each step, made while the last one runs.
+    fresh = jax.device_put({name: np.array(value)
+                            for name, value in batch.items()})
+    in_flight.make_room()
+    state, metrics = step(state, fresh)
     in_flight.dispatched(metrics)
     if index % args.wait_every == 0:
       jax.block_until_ready(metrics)
@@ -105,7 +125,8 @@ def run_limit(args) -> dict[str, Any]:
 def child_command(args, limit: int) -> list[str]:
   command = [sys.executable, os.path.abspath(__file__), '--child', str(limit),
              '--steps', str(args.steps), '--wait-every', str(args.wait_every),
-             '--batch-size', str(args.batch_size)]
+             '--batch-size', str(args.batch_size),
+             '--experiment', args.experiment]
   return command + ['--small'] * args.small + (
       ['--system-malloc'] * args.system_malloc)
 
@@ -144,14 +165,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                  ', '.join(f'{value:.3f}' for value in step_s),
                  f'{statistics.median(peaks):.2f}',
                  ', '.join(f'{value:.2f}' for value in peaks)])
-  print(f'\ntraining step, batch {args.batch_size}'
+  print(f'\n{args.experiment} training step, batch {args.batch_size}'
         f"{', small model' if args.small else ''}: {args.steps} steps a run, "
         f"a wait for the metrics every {args.wait_every}")
   print(common.format_table(
       ['steps in flight at most', 'median s/step', 'runs s/step',
        'median peak GiB', 'runs peak GiB'], rows))
   report = {'benchmark': 'steps_in_flight', 'machine': machine,
-            'settings': {'steps': args.steps, 'wait_every': args.wait_every,
+            'settings': {'experiment': args.experiment,
+                         'steps': args.steps, 'wait_every': args.wait_every,
                          'repeats': args.repeats,
                          'batch_size': args.batch_size, 'small': args.small},
             'results': summary}

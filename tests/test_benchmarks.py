@@ -559,9 +559,9 @@ def test_steps_in_flight_runs_each_limit_in_its_own_process(tmp_path,
   out = tmp_path / 'in_flight.json'
   report = steps_in_flight.main([
       '--small', '--batch-size', '2', '--steps', '4', '--wait-every', '2',
-      '--limits', '3,0', '--repeats', '1', '--out', str(out)])
+      '--limits', '3,1', '--repeats', '1', '--out', str(out)])
   assert json.loads(out.read_text())['results'] == report['results']
-  assert [result['limit'] for result in report['results']] == [3, 0]
+  assert [result['limit'] for result in report['results']] == [3, 1]
   for result in report['results']:
     (run,) = result['runs']
     assert positive(run['step_s']) and run['step_s'] == result['median_step_s']
@@ -569,7 +569,9 @@ def test_steps_in_flight_runs_each_limit_in_its_own_process(tmp_path,
     assert 0.1 < result['median_peak_resident_gib'] < 64
   assert 'steps in flight at most' in capsys.readouterr().out
   check_machine(report['machine'])
-  for flags in (['--limits', '-1'], ['--steps', '0']):
+  for flags in (['--limits', '0'], ['--steps', '0'],
+                ['--small', '--experiment', 'multimnist'],
+                ['--experiment', 'cifar10']):
     with pytest.raises(SystemExit):
       steps_in_flight.parse_args(flags)
 

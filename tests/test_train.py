@@ -862,7 +862,8 @@ def test_progress_counts_completed_steps_not_queued_ones(capsys, monkeypatch):
 
 
 def test_steps_in_flight_are_bounded():
-  """train.train.StepsInFlight waits for the oldest step beyond its limit."""
+  """train.train.StepsInFlight makes room for a step before its dispatch:
+  with limit L, at most L steps are ever unfinished."""
   waited = []
 
   class Step:
@@ -875,11 +876,17 @@ def test_steps_in_flight_are_bounded():
 
   in_flight = train.StepsInFlight(2)
   for index in range(5):
+    in_flight.make_room()
     in_flight.dispatched(Step(index))
   assert waited == [0, 1, 2]
-  synchronous = train.StepsInFlight(0)
-  synchronous.dispatched(Step(9))
-  assert waited[-1] == 9
+  # The default: the step before has finished when the next is dispatched.
+  one_at_a_time = train.StepsInFlight()
+  one_at_a_time.dispatched(Step(7))
+  assert waited[-1] == 2
+  one_at_a_time.make_room()
+  assert waited[-1] == 7
+  with pytest.raises(ValueError, match='at least 1'):
+    train.StepsInFlight(0)
 
 
 def test_evaluation_is_the_same_in_stacks_of_any_size():

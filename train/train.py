@@ -44,26 +44,35 @@ from train.reporting import TrainingDiverged
 Metrics = reporting.Metrics
 
 # Training steps dispatched and not yet finished. JAX dispatches a step and
-# returns at once; a step queued behind the running one keeps the device
-# busy while the loop goes on, and more only hold host memory. Waiting only
-# for the progress line (up to 50 steps in flight) the process peaked at
-# 3.0 GiB, with at most 1 at 2.4 GiB, and the step took 0.44 s against 0.43 s
-# (`python benchmarks/steps_in_flight.py`: docs/speed.md, "Host memory").
+# returns at once, and XLA:CPU takes a step's temporary buffers when the step
+# is dispatched, not when it starts to run: a step queued behind the running
+# one holds a second set of them. With the heap that train/host_memory.py
+# keeps, those overlapping sets leave it fragmented, and it grows a step's
+# temporaries at a time: the MultiMNIST step (1.4 GB of temporaries) grew the
+# heap to 6.1 GB in 30 steps with one step queued, and held it at 2.2-3.3 GB
+# with none (docs/speed.md, "Host memory"). So the loop makes the next batch
+# while a step runs, and dispatches it once that step has finished.
 MAX_STEPS_IN_FLIGHT = 1
 
 
 class StepsInFlight:
-  """Keeps at most `limit` dispatched steps unfinished: `dispatched(outputs)`
-  waits for the oldest step's outputs when there are more."""
+  """Keeps at most `limit` dispatched steps unfinished: `make_room()`, called
+  before a dispatch, waits for the oldest ones until fewer than `limit` are
+  left; `dispatched(outputs)` counts the new one in."""
 
   def __init__(self, limit: int = MAX_STEPS_IN_FLIGHT):
+    if limit < 1:
+      raise ValueError(f'limit must be at least 1 (the step being '
+                       f'dispatched), got {limit}')
     self._limit = limit
     self._outputs: collections.deque[Any] = collections.deque()
 
+  def make_room(self) -> None:
+    while len(self._outputs) >= self._limit:
+      jax.block_until_ready(self._outputs.popleft())
+
   def dispatched(self, outputs: Any) -> None:
     self._outputs.append(outputs)
-    while len(self._outputs) > self._limit:
-      jax.block_until_ready(self._outputs.popleft())
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -319,7 +328,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: Path,
   in_flight = StepsInFlight()
   try:
     for step in range(first_step + 1, total_steps + 1):
-      state, metrics = step_fn(state, parallel.global_batch(next(batches)))
+      batch = parallel.global_batch(next(batches))
+      in_flight.make_room()
+      state, metrics = step_fn(state, batch)
       in_flight.dispatched(metrics)
       epoch.add(step, metrics)
       end_of_epoch = step % steps_per_epoch == 0

@@ -44,12 +44,11 @@ from train.reporting import TrainingDiverged
 Metrics = reporting.Metrics
 
 # Training steps dispatched and not yet finished. JAX dispatches a step and
-# returns at once, and XLA:CPU takes a step's temporary buffers when the step
-# is dispatched, not when it starts to run: a step queued behind the running
-# one holds a second set of them. With the heap that train/host_memory.py
-# keeps, those overlapping sets leave it fragmented, and it grows a step's
-# temporaries at a time: the MultiMNIST step (1.4 GB of temporaries) grew the
-# heap to 6.1 GB in 30 steps with one step queued, and held it at 2.2-3.3 GB
+# returns at once. With a step queued behind the running one, the two steps'
+# buffers interleave on the heap that train/host_memory.py keeps and leave
+# holes that the next step's temporaries do not fit, so the heap grows by a
+# step's temporaries at a time: the MultiMNIST step (1.4 GB of temporaries)
+# grew it to 6.1 GB in 30 steps with one queued, and it stayed at 2.2-3.3 GB
 # with none (docs/speed.md, "Host memory"). So the loop makes the next batch
 # while a step runs, and dispatches it once that step has finished.
 MAX_STEPS_IN_FLIGHT = 1

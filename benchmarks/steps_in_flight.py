@@ -1,8 +1,8 @@
 """Speed and host memory of the training loop against its steps in flight.
 
 JAX dispatches a jitted step and returns before it has run, so a loop can
-queue steps behind the one running; XLA:CPU takes a queued step's
-temporary buffers at its dispatch. The training loop makes the next batch
+queue steps behind the one running, whose buffers then share the heap with
+the running step's. The training loop makes the next batch
 while a step runs and keeps at most `train.train.MAX_STEPS_IN_FLIGHT` steps
 unfinished (1: a step is dispatched once the one before it has finished).
 This runs a training step (`train.train.train_step`, jitted, state donated;
@@ -41,7 +41,6 @@ if __package__ in (None, ''):  # Run as a script: make `benchmarks` importable.
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from benchmarks import train_step  # pylint: disable=g-import-not-at-top
-from benchmarks.train_step import EXPERIMENTS  # pylint: disable=g-import-not-at-top
 
 RESULT_PREFIX = 'steps_in_flight_result: '
 
@@ -61,7 +60,7 @@ def parse_args(argv: Sequence[str] | None):
   parser.add_argument('--small', action='store_true',
                       help='a tiny CapsNet (smoke tests)')
   parser.add_argument('--experiment', default='mnist',
-                      choices=('mnist', *EXPERIMENTS),
+                      choices=('mnist', *train_step.EXPERIMENTS),
                       help="the step of another experiment's model and inputs "
                       '(benchmarks/train_step.py --experiments)')
   parser.add_argument('--out', help='write the results as JSON here')
@@ -92,13 +91,11 @@ def run_limit(args) -> dict[str, Any]:
   if args.experiment == 'mnist':
     config = common.make_config(batch_size=args.batch_size, small=args.small)
     state = common.create_state(config)
-    rng = np.random.default_rng(0)
-    batch = {'image': rng.random((args.batch_size, 28, 28, 1), np.float32),
-             'label': rng.integers(0, 10, args.batch_size).astype(np.int32)}
+    batch = common.random_batch(args.batch_size)
   else:
     config, _, batch, state = train_step.experiment_inputs(args.experiment,
                                                            args.batch_size)
-    batch = jax.device_get(batch)
+  batch = jax.device_get(batch)  # Host arrays, as the loop's batches are.
   step = jax.jit(functools.partial(train_lib.train_step, config=config),
                  donate_argnums=0)
   state = common.state_for(state, config)

@@ -12,13 +12,17 @@ dispatched included; waiting for the metrics every `--wait-every` steps as
 the loop does), each in a fresh process, so that its peak resident memory
 (`ru_maxrss`, compilation included) is its own. Every step gets a fresh
 host copy of its batch, made before the wait, as the loop's batches are.
-The limits alternate, `--repeats` times, and the table gives each limit's
-median seconds per step and peak memory, with every run's figure beside it.
+After each wait for a step the loop pauses for XLA:CPU to free the step's
+temporaries (`train.host_memory.RELEASE_PAUSE_SECONDS`); `--pauses-ms`
+runs each limit with each pause given (0: none). The variants alternate,
+`--repeats` times, and the table gives each one's median seconds per step
+and peak memory, with every run's figure beside it.
 
 Examples:
 
     python benchmarks/steps_in_flight.py --out in_flight.json
     python benchmarks/steps_in_flight.py --experiment multimnist --steps 60
+    python benchmarks/steps_in_flight.py --limits 1 --pauses-ms 0,5
     python benchmarks/steps_in_flight.py --small --steps 6 --limits 4,1 \\
         --repeats 1                                      # smoke test
 """
@@ -49,6 +53,10 @@ def parse_args(argv: Sequence[str] | None):
   parser = common.make_parser(__doc__)
   parser.add_argument('--limits', default='3,2,1',
                       help='comma-separated steps-in-flight limits (>= 1)')
+  parser.add_argument('--pauses-ms', default=None,
+                      help='comma-separated pauses after each wait, in '
+                      'milliseconds (default: the loop\'s, '
+                      'train.host_memory.RELEASE_PAUSE_SECONDS)')
   parser.add_argument('--steps', type=int, default=150,
                       help='timed steps per run')
   parser.add_argument('--wait-every', type=int, default=50,
@@ -67,11 +75,24 @@ def parse_args(argv: Sequence[str] | None):
   # The run of one limit, in a process of its own.
   parser.add_argument('--child', type=int, default=None,
                       help=argparse.SUPPRESS)
+  parser.add_argument('--child-pause-ms', type=float, default=0.0,
+                      help=argparse.SUPPRESS)
   common.add_allocator_argument(parser)
   args = parser.parse_args(argv)
   args.limits = common.parse_int_list(args.limits)
   if any(limit < 1 for limit in args.limits):
     parser.error('--limits must be >= 1 (the step being dispatched)')
+  if args.pauses_ms is None:
+    from train import host_memory  # pylint: disable=g-import-not-at-top
+    args.pauses_ms = [host_memory.RELEASE_PAUSE_SECONDS * 1000]
+  else:
+    try:
+      args.pauses_ms = [float(value) for value in args.pauses_ms.split(',')]
+    except ValueError:
+      parser.error(f'--pauses-ms must be comma-separated numbers, got '
+                   f'{args.pauses_ms!r}')
+    if any(pause < 0 for pause in args.pauses_ms):
+      parser.error('--pauses-ms must be >= 0')
   if args.small and args.experiment != 'mnist':
     parser.error('--small is the MNIST CapsNet only')
   for name in ('steps', 'wait_every', 'repeats', 'batch_size'):
@@ -82,7 +103,7 @@ def parse_args(argv: Sequence[str] | None):
 
 def run_limit(args) -> dict[str, Any]:
   """In this process: `args.steps` steps with at most `args.child` steps
-  unfinished."""
+  unfinished, pausing `args.child_pause_ms` after each wait."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from train import host_memory  # pylint: disable=g-import-not-at-top
@@ -102,7 +123,8 @@ def run_limit(args) -> dict[str, Any]:
   for _ in range(2):  # Compiles, then one step warm.
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
-  in_flight = train_lib.StepsInFlight(args.child)
+  in_flight = train_lib.StepsInFlight(
+      args.child, pause_seconds=args.child_pause_ms / 1000)
   start = time.perf_counter()
   for index in range(1, args.steps + 1):
     # A fresh host batch each step, made while the last one runs.
@@ -115,12 +137,14 @@ def run_limit(args) -> dict[str, Any]:
       jax.block_until_ready(metrics)
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start
-  return {'limit': args.child, 'step_s': seconds / args.steps,
+  return {'limit': args.child, 'pause_ms': args.child_pause_ms,
+          'step_s': seconds / args.steps,
           'peak_resident_mb': host_memory.peak_resident_bytes() / 2**20}
 
 
-def child_command(args, limit: int) -> list[str]:
+def child_command(args, limit: int, pause_ms: float) -> list[str]:
   command = [sys.executable, os.path.abspath(__file__), '--child', str(limit),
+             '--child-pause-ms', str(pause_ms),
              '--steps', str(args.steps), '--wait-every', str(args.wait_every),
              '--batch-size', str(args.batch_size),
              '--experiment', args.experiment]
@@ -135,30 +159,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     print(RESULT_PREFIX + json.dumps(run_limit(args)), flush=True)
     return None
   machine = common.set_up_machine(args)
-  runs: dict[int, list[dict[str, Any]]] = {limit: [] for limit in args.limits}
+  variants = [(limit, pause) for pause in args.pauses_ms
+              for limit in args.limits]
+  runs: dict[tuple[int, float], list[dict[str, Any]]] = {
+      variant: [] for variant in variants}
   for repeat in range(args.repeats):
-    for limit in args.limits:
-      output = subprocess.run(child_command(args, limit), capture_output=True,
-                              text=True, check=False)
+    for limit, pause in variants:
+      output = subprocess.run(child_command(args, limit, pause),
+                              capture_output=True, text=True, check=False)
       lines = [line for line in output.stdout.splitlines()
                if line.startswith(RESULT_PREFIX)]
       if output.returncode != 0 or not lines:
-        raise SystemExit(f'the run with limit {limit} failed:\n'
-                         + output.stderr[-3000:])
+        raise SystemExit(f'the run with limit {limit}, pause {pause} ms '
+                         'failed:\n' + output.stderr[-3000:])
       result = json.loads(lines[-1][len(RESULT_PREFIX):])
-      runs[limit].append(result)
-      print(f"run {repeat + 1}, at most {limit} in flight: "
-            f"{result['step_s']:.3f} s/step, peak "
+      runs[limit, pause].append(result)
+      print(f"run {repeat + 1}, at most {limit} in flight, pause {pause:g} "
+            f"ms: {result['step_s']:.3f} s/step, peak "
             f"{result['peak_resident_mb'] / 1024:.2f} GiB", flush=True)
   rows = []
   summary = []
-  for limit, results in runs.items():
+  for (limit, pause), results in runs.items():
     step_s = [result['step_s'] for result in results]
     peaks = [result['peak_resident_mb'] / 1024 for result in results]
-    summary.append({'limit': limit, 'median_step_s': statistics.median(step_s),
+    summary.append({'limit': limit, 'pause_ms': pause,
+                    'median_step_s': statistics.median(step_s),
                     'median_peak_resident_gib': statistics.median(peaks),
                     'runs': results})
-    rows.append([limit, f'{statistics.median(step_s):.3f}',
+    rows.append([limit, f'{pause:g}', f'{statistics.median(step_s):.3f}',
                  ', '.join(f'{value:.3f}' for value in step_s),
                  f'{statistics.median(peaks):.2f}',
                  ', '.join(f'{value:.2f}' for value in peaks)])
@@ -166,10 +194,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         f"{', small model' if args.small else ''}: {args.steps} steps a run, "
         f"a wait for the metrics every {args.wait_every}")
   print(common.format_table(
-      ['steps in flight at most', 'median s/step', 'runs s/step',
+      ['steps in flight at most', 'pause after a wait, ms', 'median s/step',
+       'runs s/step',
        'median peak GiB', 'runs peak GiB'], rows))
   report = {'benchmark': 'steps_in_flight', 'machine': machine,
             'settings': {'experiment': args.experiment,
+                         'pauses_ms': args.pauses_ms,
                          'steps': args.steps, 'wait_every': args.wait_every,
                          'repeats': args.repeats,
                          'batch_size': args.batch_size, 'small': args.small},

@@ -24,6 +24,7 @@ from benchmarks import routing_algorithms
 from benchmarks import routing_iterations
 from benchmarks import steps_in_flight
 from benchmarks import train_step
+from train import host_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ('median_s', 'min_s', 'max_s', 'mean_s', 'compile_s',
@@ -559,9 +560,13 @@ def test_steps_in_flight_runs_each_limit_in_its_own_process(tmp_path,
   out = tmp_path / 'in_flight.json'
   report = steps_in_flight.main([
       '--small', '--batch-size', '2', '--steps', '4', '--wait-every', '2',
-      '--limits', '3,1', '--repeats', '1', '--out', str(out)])
+      '--limits', '3,1', '--pauses-ms', '0,5', '--repeats', '1',
+      '--out', str(out)])
   assert json.loads(out.read_text())['results'] == report['results']
-  assert [result['limit'] for result in report['results']] == [3, 1]
+  assert [(result['limit'], result['pause_ms'])
+          for result in report['results']] == [(3, 0), (1, 0), (3, 5), (1, 5)]
+  assert [run['pause_ms'] for result in report['results']
+          for run in result['runs']] == [0, 0, 5, 5]
   for result in report['results']:
     (run,) = result['runs']
     assert positive(run['step_s']) and run['step_s'] == result['median_step_s']
@@ -569,7 +574,11 @@ def test_steps_in_flight_runs_each_limit_in_its_own_process(tmp_path,
     assert 0.1 < result['median_peak_resident_gib'] < 64
   assert 'steps in flight at most' in capsys.readouterr().out
   check_machine(report['machine'])
-  for flags in (['--limits', '0'], ['--steps', '0'],
+  # By default, the loop's pause.
+  assert steps_in_flight.parse_args([]).pauses_ms == [
+      host_memory.RELEASE_PAUSE_SECONDS * 1000]
+  for flags in (['--limits', '0'], ['--steps', '0'], ['--pauses-ms', '-1'],
+                ['--pauses-ms', 'soon'],
                 ['--small', '--experiment', 'multimnist'],
                 ['--experiment', 'cifar10']):
     with pytest.raises(SystemExit):

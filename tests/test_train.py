@@ -889,6 +889,32 @@ def test_steps_in_flight_are_bounded():
     train.StepsInFlight(0)
 
 
+def test_steps_in_flight_pause_after_each_wait(monkeypatch):
+  """After waiting for a step, StepsInFlight pauses (for XLA:CPU to free the
+  step's temporaries) before the next dispatch; `finish` waits for all."""
+  events = []
+
+  class Step:
+    def __init__(self, index):
+      self.index = index
+
+    def block_until_ready(self):
+      events.append(f'waited {self.index}')
+      return self
+
+  monkeypatch.setattr(train.host_memory, 'pause_for_released_temporaries',
+                      lambda seconds=None: events.append(f'paused {seconds}'))
+  in_flight = train.StepsInFlight(2, pause_seconds=0.25)
+  for index in range(3):
+    in_flight.make_room()
+    in_flight.dispatched(Step(index))
+  assert events == ['waited 0', 'paused 0.25']
+  in_flight.finish()
+  assert events[2:] == ['waited 1', 'paused 0.25', 'waited 2', 'paused 0.25']
+  in_flight.finish()  # Nothing left in flight.
+  assert len(events) == 6
+
+
 def test_evaluation_is_the_same_in_stacks_of_any_size():
   """`evaluate` runs `config.eval_batches_per_call` batches per compiled
   call; the stacks' completing batches of padding count for nothing."""

@@ -50,25 +50,39 @@ Metrics = reporting.Metrics
 # step's temporaries at a time: the MultiMNIST step (1.4 GB of temporaries)
 # grew it to 6.1 GB in 30 steps with one queued, and it stayed at 2.2-3.3 GB
 # with none (docs/speed.md, "Host memory"). So the loop makes the next batch
-# while a step runs, and dispatches it once that step has finished.
+# while a step runs, and dispatches it once that step has finished, and
+# its temporaries have been freed (`host_memory.pause_for_released_temporaries`).
 MAX_STEPS_IN_FLIGHT = 1
 
 
 class StepsInFlight:
   """Keeps at most `limit` dispatched steps unfinished: `make_room()`, called
   before a dispatch, waits for the oldest ones until fewer than `limit` are
-  left; `dispatched(outputs)` counts the new one in."""
+  left; `finish()` waits for all of them; `dispatched(outputs)` counts the
+  new one in. After each wait it pauses `pause_seconds` (by default
+  `host_memory.release_pause_seconds()`) for the step's temporaries to be
+  freed."""
 
-  def __init__(self, limit: int = MAX_STEPS_IN_FLIGHT):
+  def __init__(self, limit: int = MAX_STEPS_IN_FLIGHT,
+               pause_seconds: float | None = None):
     if limit < 1:
       raise ValueError(f'limit must be at least 1 (the step being '
                        f'dispatched), got {limit}')
     self._limit = limit
+    self._pause_seconds = (host_memory.release_pause_seconds()
+                           if pause_seconds is None else pause_seconds)
     self._outputs: collections.deque[Any] = collections.deque()
 
   def make_room(self) -> None:
-    while len(self._outputs) >= self._limit:
+    self._wait_until_fewer_than(self._limit)
+
+  def finish(self) -> None:
+    self._wait_until_fewer_than(1)
+
+  def _wait_until_fewer_than(self, count: int) -> None:
+    while len(self._outputs) >= count:
       jax.block_until_ready(self._outputs.popleft())
+      host_memory.pause_for_released_temporaries(self._pause_seconds)
 
   def dispatched(self, outputs: Any) -> None:
     self._outputs.append(outputs)
@@ -183,6 +197,7 @@ def evaluate(eval_fn, variables, examples,
                        jax.process_count()), per_call):
     sums = jax.device_get(eval_fn(variables,
                                   parallel.global_stacked_batch(stack)))
+    host_memory.pause_for_released_temporaries()
     for name, value in sums.items():
       totals[name] = totals.get(name, 0.0) + float(value)
   count = totals.pop('count')
@@ -345,6 +360,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: Path,
         continue
       validation_accuracy = None
       if end_of_epoch or step == total_steps:
+        in_flight.finish()  # Evaluation's temporaries then have the heap.
         validation_metrics = (
             evaluate(eval_fn, models.variables(state), validation, config,
                      parallel) if len(validation) else {})

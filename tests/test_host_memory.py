@@ -102,7 +102,8 @@ def test_peak_resident_bytes_is_the_high_water_mark():
 # Runs a jitted computation with about 256 MB of temporaries STEPS times in
 # a worker-freed heap (the settings applied), waiting for each one's output
 # and pausing PAUSE seconds before the next dispatch as the training loop
-# does; prints the heap's size and what was in use after each pause.
+# does; prints the pause the loop would take, the temporaries' size and the
+# most that was in use after a pause beyond what was in use before.
 _RELEASE_PROBE = '''
 import ctypes, sys
 from train import host_memory
@@ -129,28 +130,26 @@ for _ in range(steps):
   jax.block_until_ready(compute(x))
   host_memory.pause_for_released_temporaries(pause)
   in_use.append(libc.mallinfo2().uordblks - base.uordblks)
-print(host_memory.release_pause_seconds(), temporaries,
-      libc.mallinfo2().arena - base.arena, max(in_use))
+print(host_memory.release_pause_seconds(), temporaries, max(in_use))
 '''
 
 
 @glibc_only
-def test_pausing_after_a_step_lets_the_next_one_reuse_its_temporaries():
-  """XLA:CPU frees a computation's temporaries after its outputs are ready;
-  with the pause after each wait they are free before the next dispatch,
-  which reuses them: the heap does not grow by another computation's
-  temporaries. (The pause is generous here, for a loaded test machine; the
-  training loop's 5 ms is measured in docs/speed.md.)"""
+def test_a_steps_temporaries_are_freed_during_the_pause():
+  """XLA:CPU frees a computation's temporaries shortly after its outputs are
+  ready; after the wait and the pause they are no longer in use, so the next
+  dispatch can reuse them. (The pause is generous here, for a loaded test
+  machine; the training loop's 5 ms and what it saves are measured in
+  docs/speed.md, "Host memory".)"""
   output = subprocess.run(
       [sys.executable, '-c', _RELEASE_PROBE, '0.2', '6'], check=True,
       capture_output=True, text=True).stdout.split()
-  pause, temporaries, growth, in_use = (float(output[0]), int(output[1]),
-                                        int(output[2]), int(output[3]))
+  pause, temporaries, in_use = (float(output[0]), int(output[1]),
+                                int(output[2]))
   # Applied, on the CPU: the loop's pause.
   assert pause == host_memory.RELEASE_PAUSE_SECONDS
   assert temporaries > 200 << 20, temporaries
   assert in_use < temporaries // 4, (in_use, temporaries)
-  assert growth < temporaries // 4, (growth, temporaries)
 
 
 def test_no_pause_without_the_settings():

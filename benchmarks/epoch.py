@@ -16,7 +16,11 @@ last checkpoint save, and split into:
   comparison alike. The median of `--step-repeats` steps on one random
   batch (`benchmarks/common.benchmark_train_step`) is reported beside it;
 - validation: the evaluation at the end of the epoch (its compilation
-  included: it happens once a run);
+  included: it happens once a run). Its compilation is estimated as the
+  validation's time less its examples at the test evaluation's rate (the
+  same compiled function), and `outside_steps_fraction_compiled` is the
+  fraction outside the steps without it: that of every epoch but a run's
+  first;
 - checkpoints: `Checkpoints.save` and the final `wait`;
 - the rest: the input pipeline, progress and metrics, everything else.
 
@@ -85,6 +89,7 @@ class Timeline:
 
   def __init__(self):
     self.calls: dict[str, list[tuple[float, float]]] = {}  # (start, seconds)
+    self.evaluated: list[tuple[float, int]] = []  # (start, examples)
     self.batch_times: list[float] = []
     self.test_started: float | None = None
 
@@ -101,6 +106,11 @@ class Timeline:
   def seconds_between(self, name: str, start: float, end: float) -> float:
     """Summed durations of the `name` calls that started in [start, end)."""
     return sum(seconds for began, seconds in self.calls.get(name, [])
+               if start <= began < end)
+
+  def examples_between(self, start: float, end: float) -> int:
+    """Examples of the evaluations that started in [start, end)."""
+    return sum(examples for began, examples in self.evaluated
                if start <= began < end)
 
 
@@ -120,7 +130,13 @@ def instrumented(timeline: Timeline):
     timeline.test_started = time.perf_counter()
     return originals[4](*args, **kwargs)
 
-  train_lib.evaluate = timeline.timed('evaluate', originals[0])
+  timed_evaluate = timeline.timed('evaluate', originals[0])
+
+  def evaluate(eval_fn, variables, examples, *args, **kwargs):
+    timeline.evaluated.append((time.perf_counter(), len(examples)))
+    return timed_evaluate(eval_fn, variables, examples, *args, **kwargs)
+
+  train_lib.evaluate = evaluate
   checkpoints.Checkpoints.save = timeline.timed('save', originals[1])
   checkpoints.Checkpoints.wait = timeline.timed('wait', originals[2])
   input_pipeline.train_batches = train_batches
@@ -205,6 +221,13 @@ def epoch_breakdown(timeline: Timeline, step: dict[str, Any],
   step_s = bare_step_s or step['median_s']
   steps_s = (steps - 1) * step_s
   test_s = timeline.seconds_between('evaluate', end, float('inf')) or None
+  eval_images_per_s = test_examples / test_s if test_s else None
+  validation_compile_s = None
+  outside_compiled = None
+  if eval_images_per_s:
+    validation_compile_s = max(0.0, validation_s - (
+        timeline.examples_between(start, end) / eval_images_per_s))
+    outside_compiled = 1.0 - steps_s / (epoch_s - validation_compile_s)
   return {
       'steps': steps,
       'epoch_s': epoch_s,
@@ -221,7 +244,9 @@ def epoch_breakdown(timeline: Timeline, step: dict[str, Any],
           (steps - 1) * step['median_s'] / epoch_s),
       'train_images_per_s': step['images_per_s'],
       'test_evaluation_s': test_s,
-      'eval_images_per_s': (test_examples / test_s if test_s else None),
+      'eval_images_per_s': eval_images_per_s,
+      'validation_compile_s': validation_compile_s,
+      'outside_steps_fraction_compiled': outside_compiled,
   }
 
 
@@ -275,11 +300,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   print(common.format_table(
       ['epoch s', f"steps s ({breakdown['step_s']:.3f} s each)",
        'validation s', 'checkpoints s', 'rest s', 'outside steps',
-       'train img/s', 'eval img/s', 'peak RSS MB'],
+       'outside, validation compiled', 'train img/s', 'eval img/s',
+       'peak RSS MB'],
       [[f"{breakdown['epoch_s']:.1f}", f"{breakdown['steps_s']:.1f}",
         f"{breakdown['validation_s']:.1f}",
         f"{breakdown['checkpoint_s']:.1f}", f"{breakdown['rest_s']:.1f}",
         f"{100 * breakdown['outside_steps_fraction']:.1f}%",
+        (f"{100 * breakdown['outside_steps_fraction_compiled']:.1f}%"
+         if breakdown['outside_steps_fraction_compiled'] is not None
+         else '-'),
         f"{breakdown['train_images_per_s']:.1f}",
         f"{breakdown['eval_images_per_s']:.1f}",
         f'{peak_rss / common.MB:.0f}']]))

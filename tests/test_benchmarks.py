@@ -507,6 +507,7 @@ def test_epoch_breakdown_splits_the_epoch_into_its_phases():
   timeline.calls = {'evaluate': [(20.0, 3.0), (31.0, 2.0)],  # validation, test
                     'save': [(5.0, 9.0), (24.0, 1.0)],  # the first: before
                     'wait': [(29.0, 0.5), (40.0, 0.1)]}
+  timeline.evaluated = [(20.0, 50), (31.0, 100)]
   timeline.test_started = 30.0
   result = epoch.epoch_breakdown(timeline, {'median_s': 4.0,
                                             'images_per_s': 32.0},
@@ -516,6 +517,10 @@ def test_epoch_breakdown_splits_the_epoch_into_its_phases():
   assert result['rest_s'] == pytest.approx(3.5)
   assert result['outside_steps_fraction'] == pytest.approx(0.4)
   assert result['eval_images_per_s'] == pytest.approx(50.0)
+  # 50 validation examples at 50/s: 1 s of its 3 s, the rest compilation.
+  assert result['validation_compile_s'] == pytest.approx(2.0)
+  assert result['outside_steps_fraction_compiled'] == pytest.approx(
+      1 - 12.0 / 18.0)
 
 
 def test_epoch_instrumentation_is_removed_afterwards():
@@ -546,6 +551,9 @@ def test_epoch_times_bare_steps_around_a_real_epoch(mnist_idx_dir,
       (bare['before_s'] + bare['after_s']) / 2)
   assert breakdown['steps_s'] == pytest.approx(2 * breakdown['step_s'])
   assert report['accuracy']['checkpoint_step'] == 3
+  assert 0 <= breakdown['validation_compile_s'] <= breakdown['validation_s']
+  assert breakdown['outside_steps_fraction_compiled'] <= (
+      breakdown['outside_steps_fraction'])
   check_machine(report['machine'])
 
 

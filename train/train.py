@@ -50,8 +50,8 @@ Metrics = reporting.Metrics
 # step's temporaries at a time: the MultiMNIST step (1.4 GB of temporaries)
 # grew it to 6.1 GB in 30 steps with one queued, and it stayed at 2.2-3.3 GB
 # with none (docs/speed.md, "Host memory"). So the loop makes the next batch
-# while a step runs, and dispatches it once that step has finished, and
-# its temporaries have been freed (`host_memory.pause_for_released_temporaries`).
+# while a step runs, and dispatches it once that step has finished and its
+# temporaries have been freed (`host_memory.pause_for_released_temporaries`).
 MAX_STEPS_IN_FLIGHT = 1
 
 

@@ -207,7 +207,7 @@ def epoch_steps(config) -> int:
 
 
 def epoch_breakdown(timeline: Timeline, step: dict[str, Any],
-                    steps: int, test_examples: int,
+                    steps: int,
                     bare_step_s: float | None = None) -> dict[str, Any]:
   """The epoch's phases; its steps cost `bare_step_s` each (else the
   median step's time)."""
@@ -221,6 +221,7 @@ def epoch_breakdown(timeline: Timeline, step: dict[str, Any],
   step_s = bare_step_s or step['median_s']
   steps_s = (steps - 1) * step_s
   test_s = timeline.seconds_between('evaluate', end, float('inf')) or None
+  test_examples = timeline.examples_between(end, float('inf'))
   eval_images_per_s = test_examples / test_s if test_s else None
   validation_compile_s = None
   outside_compiled = None
@@ -279,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   bare_step_s = (bare_before + bare_after) / 2
   del bare
   breakdown = epoch_breakdown(timeline, step, result['checkpoint_step'],
-                              result['test_examples'], bare_step_s)
+                              bare_step_s)
   peak_rss = host_memory.peak_resident_bytes()
   report = {
       'benchmark': 'epoch',

@@ -511,7 +511,7 @@ def test_epoch_breakdown_splits_the_epoch_into_its_phases():
   timeline.test_started = 30.0
   result = epoch.epoch_breakdown(timeline, {'median_s': 4.0,
                                             'images_per_s': 32.0},
-                                 steps=4, test_examples=100)
+                                 steps=4)
   assert result['epoch_s'] == 20.0 and result['steps_s'] == 12.0
   assert result['validation_s'] == 3.0 and result['checkpoint_s'] == 1.5
   assert result['rest_s'] == pytest.approx(3.5)

@@ -6,8 +6,9 @@ One way to do each thing:
 - `compile_jitted`: trace, lower and compile a jitted function for concrete
   arguments; the compile time is measured here, never inside a timed step.
 - `time_calls` / `summarize`: call a function `warmup` times, then `repeats`
-  times, each call ended by `jax.block_until_ready`; report the median, min,
-  max, inter-quartile range and mean of the wall-clock times.
+  times (more where a minimum duration asks for it), each call ended by
+  `jax.block_until_ready`; report the median, min, max, inter-quartile
+  range and mean of the wall-clock times.
 - `benchmark`: both of the above plus the compiled program's memory and FLOPs.
 - `memory_stats`: peak memory of a compiled program from XLA's
   `compiled.memory_analysis()`: argument + output + temporaries - aliased
@@ -113,19 +114,30 @@ def minor_page_faults() -> int | None:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def time_calls(call: Callable[[], Any], repeats: int,
-               warmup: int = 1) -> dict[str, Any]:
+def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1, *,
+               min_warmup_s: float = 0.0,
+               min_timed_s: float = 0.0) -> dict[str, Any]:
   """Times `call()` (ended by block_until_ready) `repeats` times after
   `warmup` untimed calls; returns `summarize` of the times, plus the minor
   page faults of each timed call (`page_faults`, None where not counted)
   and their median: a call that faults in fresh memory pays for every page
-  (host_memory.py), so a step that does so each time shows it here."""
+  (host_memory.py), so a step that does so each time shows it here.
+
+  `min_warmup_s` and `min_timed_s` extend the warm-up and the timed calls
+  until each has lasted that long in all: a call of a few milliseconds
+  needs hundreds of calls before its median settles, where one of half a
+  second needs ten.
+  """
   if repeats < 1:
     raise ValueError(f'repeats must be >= 1, got {repeats}')
-  for _ in range(warmup):
+  warmup_start = time.perf_counter()
+  calls = 0
+  while calls < warmup or (
+      calls and time.perf_counter() - warmup_start < min_warmup_s):
     jax.block_until_ready(call())
+    calls += 1
   times, faults = [], []
-  for _ in range(repeats):
+  while len(times) < repeats or sum(times) < min_timed_s:
     faults_before = minor_page_faults()
     start = time.perf_counter()
     jax.block_until_ready(call())
@@ -184,7 +196,9 @@ TIMING_KEYS = ('median_s', 'min_s', 'max_s', 'iqr_s', 'mean_s', 'repeats',
 
 
 def benchmark(fn: Callable[..., Any], args: tuple, *, repeats: int,
-              warmup: int = 1, donate_argnums: tuple[int, ...] = (),
+              warmup: int = 1, min_warmup_s: float = 0.0,
+              min_timed_s: float = 0.0,
+              donate_argnums: tuple[int, ...] = (),
               next_args: Callable[[tuple, Any], tuple] | None = None,
               batch_size: int | None = None,
               return_outputs: bool = False) -> Any:
@@ -195,6 +209,7 @@ def benchmark(fn: Callable[..., Any], args: tuple, *, repeats: int,
     args: its arguments. Donated ones are consumed: pass copies.
     repeats: timed calls; 0 only compiles (the timing fields are None).
     warmup: untimed calls after compilation.
+    min_warmup_s, min_timed_s: as `time_calls`.
     donate_argnums: passed to `jax.jit`.
     next_args: `(args, outputs) -> args` of the next call, e.g. to thread a
       train state through the steps; None calls with the same args.
@@ -220,7 +235,8 @@ def benchmark(fn: Callable[..., Any], args: tuple, *, repeats: int,
   if repeats == 0:
     timing = dict.fromkeys(TIMING_KEYS)
   else:
-    timing = time_calls(call, repeats, warmup)
+    timing = time_calls(call, repeats, warmup, min_warmup_s=min_warmup_s,
+                        min_timed_s=min_timed_s)
   result = {'compile_s': compile_s, **timing,
             'memory': memory_stats(compiled), 'flops': flops_of(compiled)}
   if batch_size is not None:
@@ -527,15 +543,18 @@ def random_batch(batch_size: int, image_shape=MNIST_IMAGE_SHAPE,
 
 
 def benchmark_train_step(config, state, batch: dict[str, jax.Array], *,
-                         repeats: int, warmup: int) -> dict[str, Any]:
+                         repeats: int, warmup: int, min_warmup_s: float = 0.0,
+                         min_timed_s: float = 0.0) -> dict[str, Any]:
   """Times `train.train.train_step` as train_and_evaluate runs it: jitted
   with the state donated, the state threaded from step to step (`state` is
-  consumed). repeats = 0 only compiles."""
+  consumed); durations as `time_calls`. repeats = 0 only compiles."""
   return benchmark(
       functools.partial(train_lib.train_step, config=config),
       (state, batch),
       repeats=repeats,
       warmup=warmup,
+      min_warmup_s=min_warmup_s,
+      min_timed_s=min_timed_s,
       donate_argnums=(0,),
       next_args=lambda args, outputs: (outputs[0], args[1]),
       batch_size=config.batch_size,

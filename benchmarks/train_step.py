@@ -4,7 +4,11 @@ Times `train.train.train_step` (the paper's CapsNet with decoder, margin +
 reconstruction loss, Adam) as `train_and_evaluate` runs it (jitted, state
 donated), for each `--precision` (config.precision: float32, bfloat16),
 at `--batch-size` (128): the median of `--steps` timed steps after
-`--warmup` untimed ones, images/s, compile time and peak memory.
+`--warmup` untimed ones, images/s, compile time and peak memory. A step
+short enough that those would last less than `--min-warmup-seconds` (1)
+and `--min-timed-seconds` (2) is warmed up and timed that long instead
+(LeNet-5's step of about 10 ms: a few hundred steps); the tables give the
+number of steps timed.
 
 Every timed step's minor page faults are recorded too (`page_faults_per_step`,
 and the median in the tables): a step that faults in fresh memory every time
@@ -110,6 +114,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help='timed steps (and timed matmuls) per precision')
   parser.add_argument('--warmup', type=int, default=2,
                       help='untimed steps after compilation')
+  parser.add_argument('--min-warmup-seconds', type=float, default=1.0,
+                      help='warm up for at least this long')
+  parser.add_argument('--min-timed-seconds', type=float, default=2.0,
+                      help='time steps for at least this long in all')
   parser.add_argument('--routing-iterations', type=int, default=3)
   parser.add_argument('--stop-gradient', action='store_true',
                       help='stop_gradient_intermediate=True')
@@ -177,10 +185,17 @@ def matmul_peak(flops: float, precision: str, repeats: int,
   return result
 
 
+def step_durations(args: argparse.Namespace) -> dict[str, Any]:
+  """`common.benchmark_train_step`'s step counts and durations."""
+  return {'repeats': args.steps, 'warmup': args.warmup,
+          'min_warmup_s': args.min_warmup_seconds,
+          'min_timed_s': args.min_timed_seconds}
+
+
 def time_step(config, base_state, batch, args) -> dict[str, Any]:
   step = common.benchmark_train_step(
       config, common.state_for(base_state, config), batch,
-      repeats=args.steps, warmup=args.warmup)
+      **step_durations(args))
   # Model FLOPs: what the direct method computes. The Fourier convolution
   # executes fewer (XLA's count of them is kept as flops_executed).
   flops = common.capsnet_step_flops(config, args.batch_size)
@@ -190,6 +205,7 @@ def time_step(config, base_state, batch, args) -> dict[str, Any]:
   executed = step['flops'] and step['flops'] / step['median_s']
   return {
       'median_step_s': step['median_s'],
+      'steps_timed': step['repeats'],
       'min_step_s': step['min_s'],
       'max_step_s': step['max_s'],
       'iqr_step_s': step['iqr_s'],
@@ -241,11 +257,12 @@ def time_experiment(name: str, args, mnist: dict[str, Any]
   config, image_shape, batch, state = experiment_inputs(name, args.batch_size)
   step = common.benchmark_train_step(
       config, common.state_for(state, config), batch,
-      repeats=args.steps, warmup=args.warmup)
+      **step_durations(args))
   result = {
       'config': f'train/configs/{EXPERIMENTS[name][0]}.py',
       'image_shape': list(image_shape),
       'median_step_s': step['median_s'], 'iqr_step_s': step['iqr_s'],
+      'steps_timed': step['repeats'],
       'step_times_s': step['times_s'], 'images_per_s': step['images_per_s'],
       'page_faults_per_step': step['page_faults'],
       'median_page_faults': step['median_page_faults'],
@@ -571,11 +588,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   print(f'\ntraining step, batch {args.batch_size}, r='
         f'{args.routing_iterations}{", small model" if args.small else ""}: '
-        f'median of {args.steps} steps after {args.warmup} warm-up')
+        f'median of at least {args.steps} steps after {args.warmup} '
+        f'warm-up ({args.min_timed_seconds:g} s and '
+        f'{args.min_warmup_seconds:g} s at least)')
   rows = []
   for precision, result in results.items():
     rows.append([
-        precision, f"{result['median_step_s']:.4f}",
+        precision, result['steps_timed'], f"{result['median_step_s']:.4f}",
         f"{result['iqr_step_s']:.4f}", f"{result['min_step_s']:.4f}",
         f"{result['max_step_s']:.4f}", f"{result['images_per_s']:.1f}",
         f"{result['compile_s']:.1f}", common.megabytes(result['memory']),
@@ -590,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         '-' if result['median_page_faults'] is None else
         f"{result['median_page_faults']:.0f}"])
   print(common.format_table(
-      ['precision', 'median s', 'IQR s', 'min s', 'max s', 'img/s',
+      ['precision', 'steps', 'median s', 'IQR s', 'min s', 'max s', 'img/s',
        'compile s', 'peak MB', 'model GFLOP/step', 'GFLOP/s',
        'matmul GFLOP/s', 'model FLOPs of matmul rate',
        'executed GFLOP/step', 'executed of matmul rate',
@@ -599,10 +618,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print('\nother experiments, float32 (predicted: the MNIST step time '
           "scaled by XLA's executed FLOPs):")
     print(common.format_table(
-        ['experiment', 'input', 'median s', 'img/s', 'executed GFLOP',
-         'predicted s', 'measured / predicted', 'page faults per step'],
-        [[name, 'x'.join(map(str, r['image_shape'])),
-          f"{r['median_step_s']:.4f}", f"{r['images_per_s']:.1f}",
+        ['experiment', 'input', 'steps', 'median s', 'IQR s', 'img/s',
+         'executed GFLOP', 'predicted s', 'measured / predicted',
+         'page faults per step'],
+        [[name, 'x'.join(map(str, r['image_shape'])), r['steps_timed'],
+          f"{r['median_step_s']:.4f}", f"{r['iqr_step_s']:.4f}", f"{r['images_per_s']:.1f}",
           f"{(r['flops_executed'] or 0) / 1e9:.2f}",
           f"{r.get('predicted_step_s', float('nan')):.4f}",
           f"{r.get('slowdown', float('nan')):.2f}",
@@ -625,7 +645,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'benchmark': 'train_step',
       'settings': {
           'batch_size': args.batch_size, 'steps': args.steps,
-          'warmup': args.warmup, 'precisions': args.precision,
+          'warmup': args.warmup,
+          'min_warmup_seconds': args.min_warmup_seconds,
+          'min_timed_seconds': args.min_timed_seconds,
+          'precisions': args.precision,
           'routing_iterations': args.routing_iterations,
           'stop_gradient_intermediate': args.stop_gradient,
           'small': args.small, 'torch_threads': args.threads,

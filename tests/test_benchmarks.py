@@ -13,6 +13,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -255,7 +256,8 @@ def test_train_step(tmp_path, capsys):
   # float32's step is compiled by test_routing_iterations_with_train_step.
   train_step.main(['--precision', 'bfloat16', '--small',
                    '--batch-size', '2', '--steps', '1', '--warmup', '0',
-                   '--breakdown', '--emulated-bfloat16', '--out', str(out)])
+                   '--min-timed-seconds', '0.3', '--breakdown',
+                   '--emulated-bfloat16', '--out', str(out)])
   report = json.loads(out.read_text())
   assert set(report) >= {'results', 'torch', 'machine', 'settings',
                          'breakdown'}
@@ -272,6 +274,9 @@ def test_train_step(tmp_path, capsys):
                                       small=True), 2)
     assert result['step_times_s'] and all(map(positive,
                                               result['step_times_s']))
+    # One step asked for, but steps timed for 0.3 s at least.
+    assert result['steps_timed'] == len(result['step_times_s'])
+    assert sum(result['step_times_s']) >= 0.3
     # Minor page faults of each timed step, where the OS counts them.
     if common.minor_page_faults() is not None:
       assert len(result['page_faults_per_step']) == len(
@@ -297,6 +302,7 @@ def test_train_step_profiles_the_step_and_each_experiment(tmp_path, capsys):
   traces = tmp_path / 'trace'
   train_step.main(['--precision', 'float32', '--small', '--batch-size', '2',
                    '--steps', '1', '--warmup', '0', '--experiments', 'lenet5',
+                   '--min-timed-seconds', '0',
                    '--profile', str(traces), '--profile-steps', '1',
                    '--out', str(out)])
   report = json.loads(out.read_text())
@@ -425,6 +431,29 @@ def test_conv_methods(tmp_path, capsys):
                 ['--methods', 'auto']):
     with pytest.raises(SystemExit):
       conv_methods.main(flags)
+
+
+def test_time_calls_extends_short_calls_to_the_minimum_durations():
+  """A call of 2 ms asked for 3 timed calls after 1 warm-up, with 0.05 s
+  of warm-up and 0.1 s of timed calls at least: more calls of each."""
+  calls = []
+
+  def call():
+    time.sleep(0.002)
+    calls.append(time.perf_counter())
+    return 0
+
+  timing = common.time_calls(call, repeats=3, warmup=1, min_warmup_s=0.05,
+                             min_timed_s=0.1)
+  assert timing['repeats'] == len(timing['times_s']) > 3
+  assert sum(timing['times_s']) >= 0.1
+  warmup_calls = len(calls) - timing['repeats']
+  assert warmup_calls > 1
+  assert calls[warmup_calls - 1] - calls[0] >= 0.05 - 0.003
+  # Without minimums, exactly what was asked for.
+  calls.clear()
+  timing = common.time_calls(call, repeats=3, warmup=1)
+  assert timing['repeats'] == 3 and len(calls) == 4
 
 
 def test_scripts_run_from_the_command_line():

@@ -341,6 +341,9 @@ def machine_info() -> dict[str, Any]:
       'device_kind': device.device_kind,
       'device_count': jax.device_count(),
       'devices': [str(device) for device in jax.devices()],
+      # XLA's flags change which kernels run (e.g. YNNPACK or oneDNN for
+      # the products on the CPU): a figure is of its flags.
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
 
 
@@ -350,10 +353,13 @@ def describe_machine(machine: dict[str, Any]) -> str:
                    machine.get('reuse_freed_host_memory'), '')
   flags = ' '.join(machine['cpu_flags']) or 'none of ' + ' '.join(
       sorted(RECORDED_CPU_FLAGS))
+  xla_flags = machine.get('xla_flags')
+  xla_flags = f', XLA_FLAGS={xla_flags}' if xla_flags else ''
   return (f"{machine['cpu_model']} (flags: {flags}), "
           f"{machine['cpus_usable']} usable cores, "
           f"jax {machine['jax']} / jaxlib {machine['jaxlib']} on "
-          f"{machine['backend']} ({machine['device_kind']}){allocator}")
+          f"{machine['backend']} ({machine['device_kind']}){allocator}"
+          f'{xla_flags}')
 
 
 # ---------------------------------------------------------------------------

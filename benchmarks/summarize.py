@@ -109,6 +109,8 @@ def machines(directory: Path) -> str:
             f"{machine.get('cpus_usable', '?')} usable cores; device: "
             f"{machine.get('device_kind', machine.get('backend'))}; jax "
             f"{machine['jax']}")
+    if machine.get('xla_flags'):
+      line += f"; XLA_FLAGS={machine['xla_flags']}"
     seen.setdefault(line, []).append(path.name)
   return '\n'.join(f'- {line} ({", ".join(names)})'
                    for line, names in seen.items())

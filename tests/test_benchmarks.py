@@ -519,6 +519,28 @@ def test_summary_names_the_machine_and_the_side_by_side_ratios(tmp_path):
   assert '| 4.00x |' in text and '| 80% |' in text
   assert 'bfloat16: not timed' in text
   assert '| lenet5 | 28x28x1 |' in text and '| 2.00 |' in text
+  # A run under other XLA flags is a machine of its own.
+  flagged = dict(report, machine=dict(
+      machine, xla_flags='--xla_cpu_experimental_ynn_fusion_type='))
+  (tmp_path / 'train_step_2.json').write_text(json.dumps(flagged))
+  lines = summarize.machines(tmp_path).splitlines()
+  assert len(lines) == 2
+  assert lines[0].endswith('(train_step_1.json)')
+  assert lines[1].endswith(
+      '; XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= '
+      '(train_step_2.json)')
+
+
+def test_machine_names_the_xla_flags(monkeypatch):
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  machine = common.machine_info()
+  assert machine['xla_flags'] == ''
+  assert 'XLA_FLAGS' not in common.describe_machine(machine)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_use_onednn=true')
+  machine = common.machine_info()
+  assert machine['xla_flags'] == '--xla_cpu_use_onednn=true'
+  assert common.describe_machine(machine).endswith(
+      ', XLA_FLAGS=--xla_cpu_use_onednn=true')
 
 
 def test_experiments_are_checked():

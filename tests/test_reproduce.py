@@ -58,6 +58,8 @@ def test_queue_runs_records_ships_and_skips_finished_rows(
       (root / 'tiny' / 'test_results.json').read_text())
   assert record['test']['test_examples'] == 100
   assert len(record['validation_curve']) == 1
+  assert len(record['training_curve']) == 1
+  assert 0 <= record['training_curve'][0][1] <= 1
   assert record['config']['model']['conv_features'] == 16
   assert record['commit'] and record['machine']['cpu_count'] >= 1
   assert 0.1 < record['peak_resident_gib'] < 64
@@ -219,6 +221,7 @@ def test_record_and_status_of_a_row_without_validation_split(tmp_path):
        'test_error': 0.004, 'test_accuracy': 0.996}))
   record = campaign.training_record(row, workdir)
   assert record['validation_curve'] == []
+  assert record['training_curve'] == [[1.0, 0.99], [2.0, 0.99]]
   assert record['best_epoch'] == 2.0 and record['steps'] == 936
   assert record['peak_resident_gib'] is None  # not in these epoch records
   campaign.write_json(records / f'{row.name}.json', record)

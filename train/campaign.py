@@ -373,6 +373,10 @@ def training_record(row: Row, workdir: Path) -> dict[str, Any]:
            if 'peak_resident_mb' in record), default=None),
       'validation_curve': [[record['epoch'], record['validation_accuracy']]
                            for record in validated],
+      # Accuracy on the (augmented) training batches of each epoch: with the
+      # validation curve it shows whether a plateau is fitting or not.
+      'training_curve': [[record['epoch'], record['train_accuracy']]
+                         for record in epochs if 'train_accuracy' in record],
       'best_epoch': best['epoch'],
       'test': test,
       'config_changes': [record['changes'] for record in records

@@ -326,6 +326,64 @@ def test_train_batches_iterates_steps():
       batches[2]['label'], batching.train_batch(data, 6, 10, seed=0)['label'])
 
 
+@pytest.mark.parametrize('num_steps', [7, 3, 1])
+def test_batches_in_blocks_are_the_same_batches(num_steps):
+  """Blocks of 3 batches (the bytes of 3) give every step's batch, the last
+  block cut short at num_steps, each batch a 64-byte-aligned view."""
+  data = id_dataset()
+  batch_of_step = lambda step: batching.train_batch(data, step, 10, seed=0)
+  batch_bytes = sum(value.nbytes for value in batch_of_step(0).values())
+  blocks = list(batching.batches_of_steps(
+      batch_of_step, start_step=4, num_steps=num_steps,
+      block_bytes=3 * batch_bytes + 1))
+  one_at_a_time = list(batching.batches_of_steps(
+      batch_of_step, start_step=4, num_steps=num_steps))
+  assert len(blocks) == len(one_at_a_time) == num_steps
+  for blocked, single in zip(blocks, one_at_a_time):
+    assert blocked.keys() == single.keys()
+    for name, value in single.items():
+      np.testing.assert_array_equal(blocked[name], value)
+      assert blocked[name].dtype == value.dtype
+      assert blocked[name].ctypes.data % batching.HOST_ALIGNMENT == 0
+  # Three batches share one block.
+  if num_steps >= 3:
+    assert blocks[0]['image'].base is blocks[2]['image'].base
+  if num_steps > 3:
+    assert blocks[3]['image'].base is not blocks[2]['image'].base
+
+
+def test_batches_in_blocks_forever():
+  data = id_dataset()
+  batches = batching.batches_of_steps(
+      lambda step: batching.train_batch(data, step, 10, seed=0),
+      start_step=2, block_bytes=1)  # Smaller than a batch: one a block.
+  labels = [next(batches)['label'] for _ in range(4)]
+  for offset, label in enumerate(labels):
+    np.testing.assert_array_equal(
+        label, batching.train_batch(data, 2 + offset, 10, seed=0)['label'])
+
+
+def test_aligned_empty():
+  for shape, dtype in (((3, 5), np.float32), ((7,), np.int32),
+                       ((2, 3), np.uint8)):
+    array = batching.aligned_empty(shape, dtype)
+    assert array.shape == shape and array.dtype == dtype
+    assert array.ctypes.data % batching.HOST_ALIGNMENT == 0
+    assert array.flags.c_contiguous and array.flags.writeable
+
+
+def test_an_aligned_batch_reaches_the_cpu_without_a_copy():
+  """What the blocks rely on: the CPU client takes an aligned host array as
+  it is (the same memory), so the loop allocates nothing per step for it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != 'cpu':
+    pytest.skip('the host-memory aliasing is the CPU client\'s')
+  host = batching.aligned_empty((128, 40, 40, 1), np.float32)
+  host[...] = 0.5
+  device = jax.device_put(host, jax.devices('cpu')[0])
+  assert device.unsafe_buffer_pointer() == host.ctypes.data
+
+
 # ---------------------------------------------------------------------------
 # eval_batches.
 

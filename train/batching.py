@@ -164,15 +164,72 @@ def train_batch(data: tuple[np.ndarray, np.ndarray], step: int,
   return {'image': shift(images[rows], shifts), 'label': labels[rows]}
 
 
+# Host memory that the arrays of a block of training batches share (see
+# `batches_of_steps`): about 40 batches of 128 40x40 images, 80 of 28x28.
+BLOCK_BYTES = 32 << 20
+# Alignment of a block's batches: JAX's CPU client takes a NumPy array at
+# least this aligned without copying it (`jax.device_put`).
+HOST_ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any,
+                  alignment: int = HOST_ALIGNMENT) -> np.ndarray:
+  """`np.empty(shape, dtype)` whose data starts at a multiple of
+  `alignment` bytes."""
+  dtype = np.dtype(dtype)
+  size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(size + alignment, np.uint8)
+  offset = -raw.ctypes.data % alignment
+  return raw[offset:offset + size].view(dtype).reshape(shape)
+
+
 def batches_of_steps(batch_of_step: Callable[[int], Batch],
                      start_step: int = 0,
-                     num_steps: int | None = None) -> Iterator[Batch]:
+                     num_steps: int | None = None,
+                     block_bytes: int = 0) -> Iterator[Batch]:
   """`batch_of_step(step)` for steps start_step, start_step + 1, ...
-  (num_steps of them, or forever)."""
+  (num_steps of them, or forever).
+
+  With `block_bytes > 0` the batches are made a block at a time, as many as
+  fit in `block_bytes` (at least one), into arrays allocated once per block
+  and aligned to `HOST_ALIGNMENT`; each batch is a view of them. The values
+  are the same either way. What the blocks are for: on the CPU the training
+  loop keeps its freed heap (train/host_memory.py), and a step's
+  temporaries come back as one large block each step; host arrays made for
+  every step land against that block's edges and leave its hole too small
+  for the next step, so the heap grows by a step's temporaries at a time
+  (docs/speed.md, "Host memory"). In blocks, the host allocates for the
+  batches once every few dozen steps, and the CPU client takes each aligned
+  batch without a copy.
+  """
   step = start_step
   while num_steps is None or step < start_step + num_steps:
-    yield batch_of_step(step)
-    step += 1
+    if block_bytes <= 0:
+      yield batch_of_step(step)
+      step += 1
+      continue
+    first = batch_of_step(step)
+    batch_bytes = sum(value.nbytes for value in first.values())
+    count = max(1, block_bytes // max(batch_bytes, 1))
+    if num_steps is not None:
+      count = min(count, start_step + num_steps - step)
+    block = [{} for _ in range(count)]
+    for name, value in first.items():
+      # Each batch's array starts aligned: its slot rounded up.
+      slot = -(-value.nbytes // HOST_ALIGNMENT) * HOST_ALIGNMENT
+      memory = aligned_empty((count * slot,), np.uint8)
+      for index in range(count):
+        block[index][name] = memory[index * slot:index * slot + value.nbytes
+                                    ].view(value.dtype).reshape(value.shape)
+    for index in range(count):
+      batch = first if index == 0 else batch_of_step(step + index)
+      for name, value in batch.items():
+        block[index][name][...] = value
+    del first, batch
+    for index in range(count):
+      yield block[index]
+      block[index] = None  # Kept no longer than the loop keeps it.
+    step += count
 
 
 # ---------------------------------------------------------------------------

@@ -190,9 +190,10 @@ def train_batches(config: ml_collections.ConfigDict, train: Arrays,
                   start_step: int, num_steps: int, process_index: int = 0,
                   process_count: int = 1) -> Iterator[batching.Batch]:
   """This process's training batches of steps start_step, ..., made ahead
-  in a background thread (close it when done)."""
+  in a background thread (close it when done), a block of them at a time
+  (`batching.batches_of_steps`)."""
   train_batch = DATASETS[config.dataset].train_batch
   return batching.prefetch(batching.batches_of_steps(
       lambda step: train_batch(config, train, step, process_index,
                                process_count),
-      start_step, num_steps))
+      start_step, num_steps, block_bytes=batching.BLOCK_BYTES))

@@ -443,13 +443,16 @@ def test_time_calls_extends_short_calls_to_the_minimum_durations():
     calls.append(time.perf_counter())
     return 0
 
+  start = time.perf_counter()
   timing = common.time_calls(call, repeats=3, warmup=1, min_warmup_s=0.05,
                              min_timed_s=0.1)
   assert timing['repeats'] == len(timing['times_s']) > 3
   assert sum(timing['times_s']) >= 0.1
   warmup_calls = len(calls) - timing['repeats']
   assert warmup_calls > 1
-  assert calls[warmup_calls - 1] - calls[0] >= 0.05 - 0.003
+  # From before the first call: a loaded machine can make one 2 ms call
+  # last far longer.
+  assert calls[warmup_calls - 1] - start >= 0.05
   # Without minimums, exactly what was asked for.
   calls.clear()
   timing = common.time_calls(call, repeats=3, warmup=1)

@@ -165,8 +165,11 @@ def train_batch(data: tuple[np.ndarray, np.ndarray], step: int,
 
 
 # Host memory that the arrays of a block of training batches share (see
-# `batches_of_steps`): about 40 batches of 128 40x40 images, 80 of 28x28.
+# `batches_of_steps`): about 40 batches of 128 40x40 images, 64 of 28x28.
 BLOCK_BYTES = 32 << 20
+# At most this many batches a block, so that small batches (tests, tiny
+# configs) are not made thousands of steps ahead of a run that may stop.
+MAX_BLOCK_STEPS = 64
 # Alignment of a block's batches: JAX's CPU client takes a NumPy array at
 # least this aligned without copying it (`jax.device_put`).
 HOST_ALIGNMENT = 64
@@ -191,7 +194,8 @@ def batches_of_steps(batch_of_step: Callable[[int], Batch],
   (num_steps of them, or forever).
 
   With `block_bytes > 0` the batches are made a block at a time, as many as
-  fit in `block_bytes` (at least one), into arrays allocated once per block
+  fit in `block_bytes` (at least one, at most `MAX_BLOCK_STEPS`), into
+  arrays allocated once per block
   and aligned to `HOST_ALIGNMENT`; each batch is a view of them. The values
   are the same either way. What the blocks are for: on the CPU the training
   loop keeps its freed heap (train/host_memory.py), and a step's
@@ -210,7 +214,7 @@ def batches_of_steps(batch_of_step: Callable[[int], Batch],
       continue
     first = batch_of_step(step)
     batch_bytes = sum(value.nbytes for value in first.values())
-    count = max(1, block_bytes // max(batch_bytes, 1))
+    count = max(1, min(MAX_BLOCK_STEPS, block_bytes // max(batch_bytes, 1)))
     if num_steps is not None:
       count = min(count, start_step + num_steps - step)
     block = [{} for _ in range(count)]

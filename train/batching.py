@@ -195,8 +195,8 @@ def batches_of_steps(batch_of_step: Callable[[int], Batch],
 
   With `block_bytes > 0` the batches are made a block at a time, as many as
   fit in `block_bytes` (at least one, at most `MAX_BLOCK_STEPS`), into
-  arrays allocated once per block
-  and aligned to `HOST_ALIGNMENT`; each batch is a view of them. The values
+  arrays allocated once per block and aligned to `HOST_ALIGNMENT`; each
+  batch is a view of them. The values
   are the same either way. What the blocks are for: on the CPU the training
   loop keeps its freed heap (train/host_memory.py), and a step's
   temporaries come back as one large block each step; host arrays made for

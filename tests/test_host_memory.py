@@ -1,5 +1,6 @@
 """train/host_memory.py: freed host memory stays in the process."""
 
+import os
 import platform
 import subprocess
 import sys
@@ -160,3 +161,114 @@ def test_no_pause_without_the_settings():
        'print(host_memory.release_pause_seconds())'],
       check=True, capture_output=True, text=True).stdout
   assert float(output) == 0.0
+
+
+# Blocks of SEPARATE_BLOCK_BYTES or more get their own mapping where glibc
+# backs mappings with huge pages.
+_MAPPED_PROBE = '''
+import ctypes, sys
+from train import host_memory
+class Info(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks',
+      'uordblks', 'fordblks', 'keepcost')]
+libc = ctypes.CDLL('libc.so.6')
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+print(host_memory.reuse_freed_host_memory(),
+      host_memory.huge_pages_for_malloc())
+for size in (host_memory.SEPARATE_BLOCK_BYTES + (64 << 20), 256 << 20):
+  before = libc.mallinfo2().hblkhd  # Mappings made before the settings.
+  pointer = libc.malloc(size)
+  mapped = libc.mallinfo2().hblkhd - before
+  libc.free(pointer)
+  print(size, mapped, libc.mallinfo2().hblkhd - before)
+'''
+
+huge_pages_only = pytest.mark.skipif(
+    platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc'
+    or host_memory.transparent_huge_pages_mode() not in ('always', 'madvise'),
+    reason='needs glibc and a kernel with transparent huge pages')
+
+
+def _mapped_probe(environ: dict[str, str]) -> list[list[str]]:
+  output = subprocess.run([sys.executable, '-c', _MAPPED_PROBE],
+                          check=True, capture_output=True, text=True,
+                          env=environ).stdout
+  return [line.split() for line in output.splitlines()]
+
+
+def _environment_without_tunables() -> dict[str, str]:
+  return {name: value for name, value in os.environ.items()
+          if name != 'GLIBC_TUNABLES'}
+
+
+@huge_pages_only
+def test_with_huge_pages_a_gigabyte_block_gets_its_own_mapping():
+  environ = host_memory.environment_with_huge_pages(
+      _environment_without_tunables())
+  (applied, huge), large, small = _mapped_probe(environ)
+  assert (applied, huge) == ('True', 'True')
+  size, mapped, after_free = map(int, large)
+  assert mapped >= size and after_free == 0  # Outside the heap, given back.
+  size, mapped, after_free = map(int, small)
+  assert mapped == 0 and after_free == 0  # From the heap, kept.
+
+
+@glibc_only
+def test_without_huge_pages_every_block_stays_in_the_heap():
+  (applied, huge), large, small = _mapped_probe(
+      _environment_without_tunables())
+  assert (applied, huge) == ('True', 'False')
+  for line in (large, small):
+    _, mapped, after_free = map(int, line)
+    assert mapped == 0 and after_free == 0
+
+
+_RESTART_PROBE = '''
+import os, sys
+from train import host_memory
+print(os.getpid(), os.environ.get('GLIBC_TUNABLES', '-'), flush=True)
+host_memory.restart_with_huge_pages(sys.orig_argv[1:])
+print('went on', os.getpid(), os.environ.get('GLIBC_TUNABLES', '-'))
+'''
+
+
+@huge_pages_only
+def test_restart_with_huge_pages_starts_the_same_process_again_once():
+  environ = _environment_without_tunables()
+  environ['GLIBC_TUNABLES'] = 'glibc.malloc.tcache_count=7'
+  lines = subprocess.run([sys.executable, '-c', _RESTART_PROBE], check=True,
+                         capture_output=True, text=True,
+                         env=environ).stdout.splitlines()
+  tunables = 'glibc.malloc.tcache_count=7:' + host_memory.HUGE_PAGES_TUNABLE
+  first, second = lines[0].split(), lines[1].split()
+  assert first[1] == 'glibc.malloc.tcache_count=7'
+  assert second == [first[0], tunables]  # Same process, tunable added.
+  assert lines[2:] == [f'went on {first[0]} {tunables}']
+
+
+@glibc_only
+def test_environment_with_huge_pages():
+  assert host_memory.environment_with_huge_pages(
+      {'HOME': '/h'}, mode='madvise') == {
+          'HOME': '/h', 'GLIBC_TUNABLES': host_memory.HUGE_PAGES_TUNABLE}
+  assert host_memory.environment_with_huge_pages(
+      {'GLIBC_TUNABLES': 'a=1'}, mode='always') == {
+          'GLIBC_TUNABLES': 'a=1:' + host_memory.HUGE_PAGES_TUNABLE}
+  already = {'GLIBC_TUNABLES': 'a=1:' + host_memory.HUGE_PAGES_TUNABLE}
+  assert host_memory.environment_with_huge_pages(already, 'madvise') is None
+  assert host_memory.environment_with_huge_pages({}, mode='never') is None
+  assert host_memory.huge_pages_for_malloc(already, mode='madvise')
+  assert not host_memory.huge_pages_for_malloc(already, mode='never')
+  assert not host_memory.huge_pages_for_malloc({}, mode='always')
+
+
+def test_transparent_huge_pages_mode(tmp_path):
+  path = tmp_path / 'enabled'
+  path.write_text('always [madvise] never\n')
+  assert host_memory.transparent_huge_pages_mode(str(path)) == 'madvise'
+  assert host_memory.transparent_huge_pages_mode(
+      str(tmp_path / 'missing')) is None

@@ -9,6 +9,21 @@ import logging as pylogging
 import sys
 from pathlib import Path
 
+from train import host_memory
+
+
+def reuse_requested(argv: list[str]) -> bool:
+  """False where argv turns --reuse_host_memory off."""
+  return not any(arg in ('--noreuse_host_memory', '--reuse_host_memory=false',
+                         '--reuse_host_memory=False', '--reuse_host_memory=0')
+                 for arg in argv[1:])
+
+
+# Before the heavy imports below: glibc reads its tunables only at start-up
+# (train/host_memory.py, SEPARATE_BLOCK_BYTES).
+if __name__ == '__main__' and reuse_requested(sys.argv):
+  host_memory.restart_with_huge_pages(sys.orig_argv[1:])
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -16,7 +31,6 @@ from ml_collections import config_flags
 
 from train import checkpoints
 from train import config_checks
-from train import host_memory
 from train import reporting
 from train import train
 
@@ -77,7 +91,10 @@ with unknown_config_fields_fail():
 flags.DEFINE_bool(
     'reuse_host_memory', True,
     'Keep freed host memory for the next step instead of unmapping it '
-    '(train/host_memory.py: a 1.3x faster CapsNet step on CPU).')
+    '(train/host_memory.py: a 1.3x faster CapsNet step on CPU); where the '
+    'kernel has transparent huge pages, the program starts itself again '
+    'with glibc.malloc.hugetlb=1 in GLIBC_TUNABLES, so that blocks of 1 GiB '
+    'or more are mapped apart from the heap.')
 flags.DEFINE_bool(
     'allow_config_change', False,
     'Resume the run in --workdir even though this config changes its model, '

@@ -188,8 +188,7 @@ for size in (host_memory.SEPARATE_BLOCK_BYTES + (64 << 20), 256 << 20):
 '''
 
 huge_pages_only = pytest.mark.skipif(
-    platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc'
-    or host_memory.transparent_huge_pages_mode() not in ('always', 'madvise'),
+    not host_memory.huge_pages_available(),
     reason='needs glibc and a kernel with transparent huge pages')
 
 
@@ -264,6 +263,8 @@ def test_environment_with_huge_pages():
   assert host_memory.huge_pages_for_malloc(already, mode='madvise')
   assert not host_memory.huge_pages_for_malloc(already, mode='never')
   assert not host_memory.huge_pages_for_malloc({}, mode='always')
+  assert host_memory.huge_pages_available('always')
+  assert not host_memory.huge_pages_available('never')
 
 
 def test_transparent_huge_pages_mode(tmp_path):

@@ -936,3 +936,14 @@ def test_evaluation_is_the_same_in_stacks_of_any_size():
     assert metrics['count'] == 100, per_call
     assert metrics == pytest.approx(results[1], rel=1e-5), per_call
   assert 0 < results[1]['accuracy'] < 1
+
+
+def test_reuse_requested_reads_the_flag_as_absl_does():
+  """train/main.py decides before parsing its flags whether to start itself
+  again with huge pages for malloc (train/host_memory.py)."""
+  from train import main  # pylint: disable=g-import-not-at-top
+  assert main.reuse_requested(['main', '--workdir=/tmp/caps'])
+  assert main.reuse_requested(['main', '--reuse_host_memory=true'])
+  assert not main.reuse_requested(['main', '--noreuse_host_memory'])
+  for value in ('false', 'False', 'f', '0'):
+    assert not main.reuse_requested(['main', f'--reuse_host_memory={value}'])

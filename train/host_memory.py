@@ -132,6 +132,14 @@ def transparent_huge_pages_mode(path: str = _TRANSPARENT_HUGE_PAGES
   return text[start + 1:end] if 0 <= start < end else None
 
 
+def huge_pages_available(mode: str | None = None) -> bool:
+  """Whether glibc can be told to back its mappings with transparent huge
+  pages here: glibc, and a kernel whose mode (`mode`, by default
+  `transparent_huge_pages_mode()`) is 'always' or 'madvise'."""
+  mode = transparent_huge_pages_mode() if mode is None else mode
+  return _is_glibc_linux() and mode in ('always', 'madvise')
+
+
 def _has_tunable(environ: Mapping[str, str]) -> bool:
   return HUGE_PAGES_TUNABLE in environ.get('GLIBC_TUNABLES', '').split(':')
 
@@ -139,23 +147,18 @@ def _has_tunable(environ: Mapping[str, str]) -> bool:
 def huge_pages_for_malloc(environ: Mapping[str, str] | None = None,
                           mode: str | None = None) -> bool:
   """Whether this process's glibc backs its mappings with huge pages:
-  started with `HUGE_PAGES_TUNABLE`, on a kernel whose mode (`mode`, by
-  default `transparent_huge_pages_mode()`) is 'always' or 'madvise'."""
+  `huge_pages_available(mode)`, and started with `HUGE_PAGES_TUNABLE`."""
   environ = os.environ if environ is None else environ
-  mode = transparent_huge_pages_mode() if mode is None else mode
-  return (_is_glibc_linux() and _has_tunable(environ)
-          and mode in ('always', 'madvise'))
+  return huge_pages_available(mode) and _has_tunable(environ)
 
 
 def environment_with_huge_pages(environ: Mapping[str, str],
                                 mode: str | None = None
                                 ) -> dict[str, str] | None:
   """`environ` with `HUGE_PAGES_TUNABLE` added to GLIBC_TUNABLES (other
-  tunables kept), or None where that would change nothing: not glibc, no
-  huge pages in the kernel (`mode`), or the tunable already there."""
-  mode = transparent_huge_pages_mode() if mode is None else mode
-  if (not _is_glibc_linux() or mode not in ('always', 'madvise')
-      or _has_tunable(environ)):
+  tunables kept), or None where that would change nothing: huge pages not
+  `huge_pages_available(mode)`, or the tunable already there."""
+  if not huge_pages_available(mode) or _has_tunable(environ):
     return None
   tunables = [item for item in environ.get('GLIBC_TUNABLES', '').split(':')
               if item]

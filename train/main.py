@@ -13,10 +13,14 @@ from train import host_memory
 
 
 def reuse_requested(argv: list[str]) -> bool:
-  """False where argv turns --reuse_host_memory off."""
-  return not any(arg in ('--noreuse_host_memory', '--reuse_host_memory=false',
-                         '--reuse_host_memory=False', '--reuse_host_memory=0')
-                 for arg in argv[1:])
+  """False where argv turns --reuse_host_memory off (as absl reads a bool:
+  --noreuse_host_memory, or =false, =f or =0 in any case)."""
+  for arg in argv[1:]:
+    name, _, value = arg.partition('=')
+    if name == '--noreuse_host_memory' or (
+        name == '--reuse_host_memory' and value.lower() in ('false', 'f', '0')):
+      return False
+  return True
 
 
 # Before the heavy imports below: glibc reads its tunables only at start-up

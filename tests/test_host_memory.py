@@ -9,6 +9,25 @@ import pytest
 
 from train import host_memory
 
+# glibc's `mallinfo2()` as `libc.mallinfo2()`, for the probes below.
+_MALLINFO2 = '''
+import ctypes
+class Info(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks '
+      'fordblks keepcost').split()]
+libc = ctypes.CDLL('libc.so.6')
+libc.mallinfo2.restype = Info
+'''
+
+
+def _run_python(code: str, *args: str,
+                environ: dict[str, str] | None = None) -> str:
+  """The standard output of `python -c code args...` (in `environ`)."""
+  return subprocess.run([sys.executable, '-c', code, *args], check=True,
+                        capture_output=True, text=True, env=environ).stdout
+
+
 # Allocates and touches BUFFERS buffers of 256 MB in a thread other than the
 # main one (as XLA's workers do), frees them, then prints how much of them
 # the process still holds.
@@ -46,9 +65,7 @@ glibc_only = pytest.mark.skipif(
 
 
 def _probe(mode: str, buffers: int = 1) -> tuple[str, int]:
-  output = subprocess.run([sys.executable, '-c', _PROBE, mode, str(buffers)],
-                          check=True, capture_output=True,
-                          text=True).stdout.split()
+  output = _run_python(_PROBE, mode, str(buffers)).split()
   return output[0], int(output[1])
 
 
@@ -105,18 +122,12 @@ def test_peak_resident_bytes_is_the_high_water_mark():
 # and pausing PAUSE seconds before the next dispatch as the training loop
 # does; prints the pause the loop would take, the temporaries' size and the
 # most that was in use after a pause beyond what was in use before.
-_RELEASE_PROBE = '''
-import ctypes, sys
+_RELEASE_PROBE = _MALLINFO2 + '''
+import sys
 from train import host_memory
 assert host_memory.reuse_freed_host_memory()
 import jax, jax.numpy as jnp
 pause, steps = float(sys.argv[1]), int(sys.argv[2])
-class Info(ctypes.Structure):
-  _fields_ = [(name, ctypes.c_size_t) for name in (
-      'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks '
-      'fordblks keepcost').split()]
-libc = ctypes.CDLL('libc.so.6')
-libc.mallinfo2.restype = Info
 @jax.jit
 def compute(x):
   exp = jnp.exp(x)
@@ -142,9 +153,7 @@ def test_a_steps_temporaries_are_freed_during_the_pause():
   dispatch can reuse them. (The pause is generous here, for a loaded test
   machine; the training loop's 5 ms and what it saves are measured in
   docs/speed.md, "Host memory".)"""
-  output = subprocess.run(
-      [sys.executable, '-c', _RELEASE_PROBE, '0.2', '6'], check=True,
-      capture_output=True, text=True).stdout.split()
+  output = _run_python(_RELEASE_PROBE, '0.2', '6').split()
   pause, temporaries, in_use = (float(output[0]), int(output[1]),
                                 int(output[2]))
   # Applied, on the CPU: the loop's pause.
@@ -155,25 +164,16 @@ def test_a_steps_temporaries_are_freed_during_the_pause():
 
 def test_no_pause_without_the_settings():
   """Without the settings (or off the CPU) there is nothing to wait for."""
-  output = subprocess.run(
-      [sys.executable, '-c',
-       'from train import host_memory; '
-       'print(host_memory.release_pause_seconds())'],
-      check=True, capture_output=True, text=True).stdout
+  output = _run_python('from train import host_memory; '
+                       'print(host_memory.release_pause_seconds())')
   assert float(output) == 0.0
 
 
 # Blocks of SEPARATE_BLOCK_BYTES or more get their own mapping where glibc
 # backs mappings with huge pages.
-_MAPPED_PROBE = '''
-import ctypes, sys
+_MAPPED_PROBE = _MALLINFO2 + '''
+import sys
 from train import host_memory
-class Info(ctypes.Structure):
-  _fields_ = [(name, ctypes.c_size_t) for name in (
-      'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks',
-      'uordblks', 'fordblks', 'keepcost')]
-libc = ctypes.CDLL('libc.so.6')
-libc.mallinfo2.restype = Info
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
@@ -193,9 +193,7 @@ huge_pages_only = pytest.mark.skipif(
 
 
 def _mapped_probe(environ: dict[str, str]) -> list[list[str]]:
-  output = subprocess.run([sys.executable, '-c', _MAPPED_PROBE],
-                          check=True, capture_output=True, text=True,
-                          env=environ).stdout
+  output = _run_python(_MAPPED_PROBE, environ=environ)
   return [line.split() for line in output.splitlines()]
 
 
@@ -239,9 +237,7 @@ print('went on', os.getpid(), os.environ.get('GLIBC_TUNABLES', '-'))
 def test_restart_with_huge_pages_starts_the_same_process_again_once():
   environ = _environment_without_tunables()
   environ['GLIBC_TUNABLES'] = 'glibc.malloc.tcache_count=7'
-  lines = subprocess.run([sys.executable, '-c', _RESTART_PROBE], check=True,
-                         capture_output=True, text=True,
-                         env=environ).stdout.splitlines()
+  lines = _run_python(_RESTART_PROBE, environ=environ).splitlines()
   tunables = 'glibc.malloc.tcache_count=7:' + host_memory.HUGE_PAGES_TUNABLE
   first, second = lines[0].split(), lines[1].split()
   assert first[1] == 'glibc.malloc.tcache_count=7'

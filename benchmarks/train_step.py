@@ -54,6 +54,17 @@ counts: predicted = MNIST step time x (the experiment's executed FLOPs /
 the MNIST step's), per batch of the same size; `slowdown` = measured /
 predicted (above 1: slower per FLOP than the MNIST step).
 
+`--evaluation` also times evaluation against training, in rounds that
+alternate the two in one process (so that a drift of the machine's speed
+moves both alike): each round times one call of `train.eval_steps` as
+`train_and_evaluate` runs it (jitted, a stack of
+config.eval_batches_per_call batches of `--batch-size`, every example
+real) and then enough training steps to last about as long (the round's
+first gives the count), and gives evaluation's images/s over training's;
+the report holds the median of `--evaluation-rounds` (7) rounds' ratios.
+Forward only, an evaluated image costs about a third of a trained one's
+FLOPs.
+
 `--profile DIR` writes a jax.profiler trace of a few steps per precision,
 and of each of `--experiments` (float32), one folder each (open with
 TensorBoard's profile plugin or Perfetto) and prints the time per
@@ -74,6 +85,7 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,6 +152,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help='also time the parts of the step separately')
   parser.add_argument('--experiments', default='',
                       help='comma-separated: ' + ', '.join(EXPERIMENTS))
+  parser.add_argument('--evaluation', action='store_true',
+                      help='also time evaluation against training, '
+                      'alternating in one process')
+  parser.add_argument('--evaluation-rounds', type=int, default=7)
   parser.add_argument('--profile', metavar='DIR',
                       help='write a jax.profiler trace here')
   parser.add_argument('--profile-steps', type=int, default=3)
@@ -159,6 +175,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.error('--steps and --batch-size must be >= 1, --warmup >= 0')
   if args.routing_iterations < 1:
     parser.error('--routing-iterations must be >= 1')
+  if args.evaluation_rounds < 1:
+    parser.error('--evaluation-rounds must be >= 1')
   if args.torch and args.small:
     parser.error('--torch times the paper-size model only: drop --small')
   if args.torch and (args.routing_iterations != 3 or args.stop_gradient):
@@ -225,6 +243,67 @@ def time_step(config, base_state, batch, args) -> dict[str, Any]:
       'executed_flops_per_s': executed,
       'executed_fraction_of_matmul_peak': (
           executed and executed / matmul['flops_per_s']),
+  }
+
+
+def evaluation_batches(config, batch_size: int) -> dict[str, jax.Array]:
+  """A stack `(eval_batches_per_call, batch_size, ...)` of random batches,
+  every example real (mask 1), as `train.evaluate` hands `eval_steps`."""
+  batches = [common.random_batch(batch_size, seed=index)
+             for index in range(config.eval_batches_per_call)]
+  stack = {name: jnp.stack([batch[name] for batch in batches])
+           for name in batches[0]}
+  stack['mask'] = jnp.ones(stack['label'].shape, jnp.float32)
+  return stack
+
+
+def time_evaluation(config, base_state, batch, rounds: int
+                    ) -> dict[str, Any]:
+  """Evaluation's images/s against training's, alternating in one process
+  (see the module docstring)."""
+  step = jax.jit(functools.partial(train_lib.train_step, config=config),
+                 donate_argnums=0)
+  state = common.state_for(base_state, config)
+  step, _ = common.compile_jitted(step, state, batch)
+  variables = models.variables(base_state)
+  stack = evaluation_batches(config, config.batch_size)
+  evaluate, compile_s = common.compile_jitted(
+      jax.jit(functools.partial(train_lib.eval_steps,
+                                apply_fn=state.apply_fn, config=config)),
+      variables, stack)
+  current = {'state': state}
+
+  def train_once():
+    current['state'], metrics = step(current['state'], batch)
+    return metrics
+
+  jax.block_until_ready(evaluate(variables, stack))  # warm up
+  jax.block_until_ready(train_once())
+  eval_images = config.eval_batches_per_call * config.batch_size
+  steps_per_round = None
+  eval_s, train_s, ratios = [], [], []
+  for _ in range(rounds):
+    timing = common.time_calls(lambda: evaluate(variables, stack), 1, 0)
+    eval_s.append(timing['median_s'])
+    if steps_per_round is None:
+      one_step = common.time_calls(train_once, 1, 0)['median_s']
+      steps_per_round = max(1, round(eval_s[0] / one_step))
+    timing = common.time_calls(train_once, steps_per_round, 0)
+    train_s.append(timing['median_s'])
+    ratios.append((eval_images / eval_s[-1])
+                  / (config.batch_size / train_s[-1]))
+  return {
+      'rounds': rounds,
+      'eval_batches_per_call': config.eval_batches_per_call,
+      'images_per_call': eval_images,
+      'steps_per_round': steps_per_round,
+      'eval_call_s': eval_s,
+      'train_step_s': train_s,
+      'eval_compile_s': compile_s,
+      'eval_images_per_s': eval_images / statistics.median(eval_s),
+      'train_images_per_s': config.batch_size / statistics.median(train_s),
+      'ratios': ratios,
+      'median_ratio': statistics.median(ratios),
   }
 
 
@@ -564,6 +643,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       experiment_results[name] = time_experiment(name, args,
                                                  results['float32'])
 
+  evaluations = {}
+  if args.evaluation:
+    for precision, config in configs.items():
+      print(f'{precision}: evaluation against training...', flush=True)
+      evaluations[precision] = time_evaluation(
+          config, base_state, batch, args.evaluation_rounds)
+
   breakdowns = None
   if args.breakdown:
     breakdowns = {}
@@ -629,6 +715,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           '-' if r['median_page_faults'] is None
           else f"{r['median_page_faults']:.0f}"]
          for name, r in experiment_results.items()]))
+  if evaluations:
+    print(f'\nevaluation against training, {args.evaluation_rounds} rounds '
+          'alternating in this process:')
+    print(common.format_table(
+        ['precision', 'eval img/s', 'train img/s', 'eval / train (median)',
+         'range over rounds', 'images per eval call', 'steps per round'],
+        [[precision, f"{e['eval_images_per_s']:.1f}",
+          f"{e['train_images_per_s']:.1f}", f"{e['median_ratio']:.2f}x",
+          f"{min(e['ratios']):.2f}-{max(e['ratios']):.2f}",
+          e['images_per_call'], e['steps_per_round']]
+         for precision, e in evaluations.items()]))
   if breakdowns:
     for precision, result in breakdowns.items():
       print_breakdown(precision, result, results[precision]['median_step_s'])
@@ -653,6 +750,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           'stop_gradient_intermediate': args.stop_gradient,
           'small': args.small, 'torch_threads': args.threads,
           'conv_method': args.conv_method,
+          'evaluation_rounds': (args.evaluation_rounds if args.evaluation
+                                else None),
           'reuse_freed_host_memory': not args.system_malloc,
           'matmul': 'square jnp.dot, same FLOPs and input dtype, float32 '
                     'accumulation and output',
@@ -663,6 +762,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'skipped': skipped,
       'experiments': experiment_results or None,
       'breakdown': breakdowns,
+      'evaluation': evaluations or None,
       'profile': profile_tables,
       'machine': machine,
   }

@@ -213,13 +213,17 @@ batching.primitive_batchers[_transform_p] = _transform_batch
 def _agreement_update(
     logits: jax.Array, u_hat: jax.Array, bias: jax.Array | None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Lines 4-7 of Procedure 1 for one example; returns (b', c, v)."""
-  coupling = jax.nn.softmax(logits, axis=-1)  # 4: over parents j
-  weighted_sum = jnp.einsum('ij,ijd->jd', coupling, u_hat)  # 5: s[j]
+  """Lines 4-7 of Procedure 1 for one example; returns (b', c, v).
+
+  Parent-major: logits b and coupling c are `(out, in)`, u_hat `(out, in,
+  dim)`.
+  """
+  coupling = jax.nn.softmax(logits, axis=0)  # 4: over parents j
+  weighted_sum = jnp.einsum('ji,jid->jd', coupling, u_hat)  # 5: s[j]
   if bias is not None:  # The official code's, not the paper's.
     weighted_sum = weighted_sum + bias
   parents = squash(weighted_sum)  # 6: v[j]
-  agreement = jnp.einsum('ijd,jd->ij', u_hat, parents)  # 7: u_hat[j|i] . v[j]
+  agreement = jnp.einsum('jid,jd->ji', u_hat, parents)  # 7: u_hat[j|i] . v[j]
   return logits + agreement, coupling, parents
 
 
@@ -233,14 +237,20 @@ def _route_one_example(
   in a `lax.fori_loop`; the last one produces v, so its line-7 update (which
   nothing would read) is never needed for the output.
   """
-  in_capsules, out_capsules, _ = u_hat.shape
-  u_hat = u_hat.astype(_routing_dtype(u_hat.dtype))
+  # Routed parent-major, `(out, in, dim)`: lines 5 and 7 then contract
+  # contiguous `(in, dim)` slices of one parent, where the `(in, out, dim)`
+  # layout makes XLA:CPU copy u_hat into that order for each of them.
+  # Measured at the MNIST shape, batch 128, prediction vectors + routing
+  # (r=3), medians of 7 alternating rounds: forward 70 against 113 ms,
+  # forward + backward 152 against 185 ms.
+  u_hat = jnp.transpose(u_hat, (1, 0, 2)).astype(_routing_dtype(u_hat.dtype))
+  out_capsules, in_capsules, _ = u_hat.shape
   routed_u_hat = (
       jax.lax.stop_gradient(u_hat) if stop_gradient_intermediate else u_hat
   )
-  logits = jnp.zeros((in_capsules, out_capsules), u_hat.dtype)  # 2: b <- 0
+  logits = jnp.zeros((out_capsules, in_capsules), u_hat.dtype)  # 2: b <- 0
   # Without the barrier XLA:CPU constant-folds the first softmax of this
-  # (batch, in, out) constant, which costs seconds of compile time.
+  # (batch, out, in) constant, which costs seconds of compile time.
   logits = jax.lax.optimization_barrier(logits)
 
   def iteration(_, logits):  # 3: repeat r - 1 times ...
@@ -260,7 +270,7 @@ def _route_one_example(
                              unroll=True)
   # ... and the r-th time, lines 4-6 with the gradient always flowing.
   _, coupling, parents = _agreement_update(logits, u_hat, bias)
-  return parents, coupling  # 8: return v
+  return parents, coupling.T  # 8: return v (and c as (in, out))
 
 
 def _check_num_iterations(num_iterations: int) -> None:

@@ -16,6 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import common
@@ -257,10 +258,27 @@ def test_train_step(tmp_path, capsys):
   train_step.main(['--precision', 'bfloat16', '--small',
                    '--batch-size', '2', '--steps', '1', '--warmup', '0',
                    '--min-timed-seconds', '0.3', '--breakdown',
-                   '--emulated-bfloat16', '--out', str(out)])
+                   '--emulated-bfloat16', '--evaluation',
+                   '--evaluation-rounds', '2', '--out', str(out)])
   report = json.loads(out.read_text())
   assert set(report) >= {'results', 'torch', 'machine', 'settings',
-                         'breakdown'}
+                         'breakdown', 'evaluation'}
+  # Evaluation against training: one ratio a round, from that round's own
+  # evaluation call (a stack of eval_batches_per_call batches) and steps.
+  evaluation = report['evaluation']['bfloat16']
+  batches_per_call = evaluation['eval_batches_per_call']
+  assert evaluation['images_per_call'] == 2 * batches_per_call
+  assert evaluation['steps_per_round'] >= 1
+  assert len(evaluation['ratios']) == len(evaluation['eval_call_s']) == len(
+      evaluation['train_step_s']) == 2
+  for eval_s, train_s, ratio in zip(evaluation['eval_call_s'],
+                                    evaluation['train_step_s'],
+                                    evaluation['ratios']):
+    assert ratio == pytest.approx(
+        (2 * batches_per_call / eval_s) / (2 / train_s))
+  assert evaluation['median_ratio'] == pytest.approx(
+      np.median(evaluation['ratios']))
+  assert report['settings']['evaluation_rounds'] == 2
   assert set(report['results']) == {'bfloat16'}
   for precision, result in report['results'].items():
     for key in ('median_step_s', 'min_step_s', 'max_step_s', 'images_per_s',
@@ -295,6 +313,7 @@ def test_train_step(tmp_path, capsys):
   check_machine(report['machine'])
   printed = capsys.readouterr().out
   assert 'of matmul rate' in printed and 'full training step' in printed
+  assert 'evaluation against training, 2 rounds' in printed
 
 
 def test_train_step_profiles_the_step_and_each_experiment(tmp_path, capsys):

@@ -31,8 +31,8 @@ else
 fi
 for run_index in $(seq "${RUNS:-3}"); do
   run "train_step_$run_index" python benchmarks/train_step.py \
-    --precision float32,bfloat16 --steps 10 --warmup 2 "${torch[@]}" \
-    --out "$out/train_step_$run_index.json"
+    --precision float32,bfloat16 --steps 10 --warmup 2 --evaluation \
+    "${torch[@]}" --out "$out/train_step_$run_index.json"
 done
 run train_step_breakdown python benchmarks/train_step.py \
   --precision float32,bfloat16 --steps 10 --warmup 2 --breakdown \

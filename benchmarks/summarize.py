@@ -9,7 +9,8 @@ one Markdown row per setting: the median over runs of each run's median
 step time, its range over runs, images/s, and PyTorch's step time measured
 in the same runs with the speed ratio; then, per run, the ratios measured
 side by side (JAX vs PyTorch, executed FLOPs vs the same run's plain dot
-rate); the other experiments' steps; the peak memory per routing iteration
+rate); evaluation against training, alternating in one process
+(`--evaluation`); the other experiments' steps; the peak memory per routing iteration
 count (`routing_iterations.json`); whole steps by convolution method
 (`conv_methods.json`); and the machine (CPU model and flags, device) of
 every run. `benchmarks/run_all.sh DIR` writes such a folder.
@@ -142,6 +143,22 @@ def side_by_side(directory: Path) -> str:
   return '\n'.join(lines) if len(lines) > 2 else ''
 
 
+def evaluation(directory: Path) -> str:
+  """Per run and precision: evaluation's images/s over training's, from
+  rounds alternating the two in that run (`train_step.py --evaluation`)."""
+  lines = ['| run | precision | evaluation images/s | training images/s | '
+           'evaluation / training (median of rounds) | range over rounds |',
+           '| --- | --- | --- | --- | --- | --- |']
+  for name, report in _reports(directory):
+    for precision, result in (report.get('evaluation') or {}).items():
+      lines.append(
+          f"| {name} | {precision} | {result['eval_images_per_s']:.1f} | "
+          f"{result['train_images_per_s']:.1f} | "
+          f"{result['median_ratio']:.2f}x | {min(result['ratios']):.2f}-"
+          f"{max(result['ratios']):.2f} ({len(result['ratios'])} rounds) |")
+  return '\n'.join(lines) if len(lines) > 2 else ''
+
+
 def experiments(directory: Path) -> str:
   lines = ['| run | experiment | input | step s | images/s | executed GFLOP | '
            'predicted from the MNIST step s | measured / predicted |',
@@ -205,6 +222,8 @@ def summary(directory: Path) -> str:
   sections = [('Machines', machines(directory)),
               ('Training step, medians over runs', table(directory)),
               ('Ratios measured side by side, per run', side_by_side(directory)),
+              ('Evaluation against training, per run',
+               evaluation(directory)),
               ('Other experiments (float32)', experiments(directory)),
               ('Peak memory per routing iteration count',
                routing_memory(directory)),

@@ -533,6 +533,9 @@ def test_summary_names_the_machine_and_the_side_by_side_ratios(tmp_path):
           'image_shape': [28, 28, 1], 'median_step_s': 0.01,
           'images_per_s': 12800.0, 'flops_executed': 1e8,
           'predicted_step_s': 0.005, 'slowdown': 2.0}},
+      'evaluation': {'float32': {
+          'eval_images_per_s': 600.0, 'train_images_per_s': 200.0,
+          'ratios': [2.9, 3.0, 3.2], 'median_ratio': 3.0}},
       'machine': machine}
   (tmp_path / 'train_step_1.json').write_text(json.dumps(report))
   from benchmarks import summarize  # pylint: disable=g-import-not-at-top
@@ -541,6 +544,8 @@ def test_summary_names_the_machine_and_the_side_by_side_ratios(tmp_path):
   assert '| 4.00x |' in text and '| 80% |' in text
   assert 'bfloat16: not timed' in text
   assert '| lenet5 | 28x28x1 |' in text and '| 2.00 |' in text
+  assert ('| train_step_1.json | float32 | 600.0 | 200.0 | 3.00x | 2.90-3.20 '
+          '(3 rounds) |') in text
   # A run under other XLA flags is a machine of its own.
   flagged = dict(report, machine=dict(
       machine, xla_flags='--xla_cpu_experimental_ynn_fusion_type='))

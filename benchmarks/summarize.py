@@ -143,36 +143,46 @@ def side_by_side(directory: Path) -> str:
   return '\n'.join(lines) if len(lines) > 2 else ''
 
 
+def _per_run_table(directory: Path, columns: list[str], key: str,
+                   cells) -> str:
+  """One Markdown row per run and entry of its report's `key` dict: the
+  run, the entry's name, then `cells(entry)`; '' when no run has any."""
+  lines = ['| ' + ' | '.join(['run', *columns]) + ' |',
+           '| --- |' + ' --- |' * len(columns)]
+  for name, report in _reports(directory):
+    for label, result in (report.get(key) or {}).items():
+      lines.append('| ' + ' | '.join([name, label, *cells(result)]) + ' |')
+  return '\n'.join(lines) if len(lines) > 2 else ''
+
+
 def evaluation(directory: Path) -> str:
   """Per run and precision: evaluation's images/s over training's, from
   rounds alternating the two in that run (`train_step.py --evaluation`)."""
-  lines = ['| run | precision | evaluation images/s | training images/s | '
-           'evaluation / training (median of rounds) | range over rounds |',
-           '| --- | --- | --- | --- | --- | --- |']
-  for name, report in _reports(directory):
-    for precision, result in (report.get('evaluation') or {}).items():
-      lines.append(
-          f"| {name} | {precision} | {result['eval_images_per_s']:.1f} | "
-          f"{result['train_images_per_s']:.1f} | "
-          f"{result['median_ratio']:.2f}x | {min(result['ratios']):.2f}-"
-          f"{max(result['ratios']):.2f} ({len(result['ratios'])} rounds) |")
-  return '\n'.join(lines) if len(lines) > 2 else ''
+  return _per_run_table(
+      directory,
+      ['precision', 'evaluation images/s', 'training images/s',
+       'evaluation / training (median of rounds)', 'range over rounds'],
+      'evaluation',
+      lambda result: [
+          f"{result['eval_images_per_s']:.1f}",
+          f"{result['train_images_per_s']:.1f}",
+          f"{result['median_ratio']:.2f}x",
+          f"{min(result['ratios']):.2f}-{max(result['ratios']):.2f} "
+          f"({len(result['ratios'])} rounds)"])
 
 
 def experiments(directory: Path) -> str:
-  lines = ['| run | experiment | input | step s | images/s | executed GFLOP | '
-           'predicted from the MNIST step s | measured / predicted |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- |']
-  for name, report in _reports(directory):
-    for experiment, result in (report.get('experiments') or {}).items():
-      lines.append(
-          f"| {name} | {experiment} | "
-          f"{'x'.join(map(str, result['image_shape']))} | "
-          f"{result['median_step_s']:.3f} | {result['images_per_s']:.1f} | "
-          f"{(result['flops_executed'] or 0) / 1e9:.2f} | "
-          f"{result.get('predicted_step_s', float('nan')):.3f} | "
-          f"{result.get('slowdown', float('nan')):.2f} |")
-  return '\n'.join(lines) if len(lines) > 2 else ''
+  return _per_run_table(
+      directory,
+      ['experiment', 'input', 'step s', 'images/s', 'executed GFLOP',
+       'predicted from the MNIST step s', 'measured / predicted'],
+      'experiments',
+      lambda result: [
+          'x'.join(map(str, result['image_shape'])),
+          f"{result['median_step_s']:.3f}", f"{result['images_per_s']:.1f}",
+          f"{(result['flops_executed'] or 0) / 1e9:.2f}",
+          f"{result.get('predicted_step_s', float('nan')):.3f}",
+          f"{result.get('slowdown', float('nan')):.2f}"])
 
 
 def routing_memory(directory: Path) -> str:

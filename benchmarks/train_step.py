@@ -261,10 +261,8 @@ def time_evaluation(config, base_state, batch, rounds: int
                     ) -> dict[str, Any]:
   """Evaluation's images/s against training's, alternating in one process
   (see the module docstring)."""
-  step = jax.jit(functools.partial(train_lib.train_step, config=config),
-                 donate_argnums=0)
   state = common.state_for(base_state, config)
-  step, _ = common.compile_jitted(step, state, batch)
+  step, _ = common.compile_train_step(config, state, batch)
   variables = models.variables(base_state)
   stack = evaluation_batches(config, config.batch_size)
   evaluate, compile_s = common.compile_jitted(
@@ -364,10 +362,8 @@ def profile(directory: str, runs: dict[str, tuple[Any, Any, Any]],
   tables = {}
   # One at a time, so that only one step's state and buffers are held.
   for label, (config, base_state, batch) in runs.items():
-    step = jax.jit(functools.partial(train_lib.train_step, config=config),
-                   donate_argnums=0)
     state = common.state_for(base_state, config)
-    executable, _ = common.compile_jitted(step, state, batch)
+    executable, _ = common.compile_train_step(config, state, batch)
     state, metrics = executable(state, batch)  # warm up
     jax.block_until_ready(metrics)
     trace_directory = Path(directory) / label

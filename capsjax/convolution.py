@@ -94,6 +94,41 @@ def extract_patches(images: jax.Array, kernel_size: int, stride: int) -> jax.Arr
   )
 
 
+def extract_tap_major_patches(images: jax.Array, kernel_size: int,
+                              stride: int) -> jax.Array:
+  """`extract_patches` of one-channel images with the taps as rows.
+
+  Args:
+    images: `(batch, height, width, 1)`.
+    kernel_size: the square window's side.
+    stride: the step between windows in both directions.
+
+  Returns:
+    `(kernel_size * kernel_size, batch * out_height * out_width)`: row
+    `r * kernel_size + c` holds tap `(r, c)` of every window, windows in
+    `(batch, out_y, out_x)` order; the transpose of `extract_patches`'s
+    result reshaped to `(-1, kernel_size**2)`.
+  """
+  batch, height, width, channels = images.shape
+  if channels != 1:
+    raise ValueError(f'tap-major patches take one channel, got {channels}')
+  out_height, out_width = output_shape(height, width, kernel_size, stride)
+  images = images[..., 0]
+  by_columns = jnp.stack([
+      lax.slice(images, (0, 0, col),
+                (batch, height, col + stride * (out_width - 1) + 1),
+                (1, 1, stride))
+      for col in range(kernel_size)])
+  patches = jnp.stack([
+      lax.slice(by_columns, (0, 0, row, 0),
+                (kernel_size, batch, row + stride * (out_height - 1) + 1,
+                 out_width),
+                (1, 1, stride, 1))
+      for row in range(kernel_size)])
+  return patches.reshape(kernel_size * kernel_size,
+                         batch * out_height * out_width)
+
+
 METHODS = ('auto', 'patches', 'fourier', 'lax')
 
 
@@ -448,6 +483,49 @@ def conv2d_lax(images: jax.Array, kernel: jax.Array, stride: int = 1
       preferred_element_type=jnp.float32)
 
 
+def _patches_conv(images: jax.Array, kernel: jax.Array, stride: int,
+                  compute_dtype: jnp.dtype | None = None) -> jax.Array:
+  """`conv2d` by patches: `(batch, h, w, taps) x (taps, out)`."""
+  kernel_size, _, _, out_channels = kernel.shape
+  patches = extract_patches(images, kernel_size, stride)
+  return float32_einsum('bhwk,ko->bhwo', patches,
+                        kernel.reshape(-1, out_channels), compute_dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _one_channel_patches_conv(images: jax.Array, kernel: jax.Array,
+                              stride: int) -> jax.Array:
+  """`_patches_conv` of float32 one-channel images, whose kernel gradient
+  is a product with the taps as rows.
+
+  That gradient contracts over every pixel of the batch. From
+  `(batch * h * w, taps)` patches XLA:CPU first transposes the cotangent,
+  `(batch * h * w, out)`: at CapsNet's conv1 (batch 128, 256 maps of 20 x
+  20) a 52 MB copy. The tangent below multiplies `extract_tap_major_patches`
+  instead, whose transpose is the canonical `(taps, pixels) x (pixels,
+  out)` product: the float32 training step 31-40 ms (6-7%) faster, three
+  comparisons alternating in one process. The value is still the
+  pixel-major product, the form of XLA:CPU's fastest path, so evaluation
+  (no tangent) is unchanged. (bfloat16 keeps `_patches_conv`: its fast
+  products take only the pixel-major form.)
+  """
+  return _patches_conv(images, kernel, stride)
+
+
+@_one_channel_patches_conv.defjvp
+def _one_channel_patches_conv_jvp(stride, primals, tangents):
+  images, kernel = primals
+  images_tangent, kernel_tangent = tangents
+  kernel_size, _, _, out_channels = kernel.shape
+  outputs = _patches_conv(images, kernel, stride)
+  taps = extract_tap_major_patches(images, kernel_size, stride)
+  by_kernel = jnp.einsum('kp,ko->po', taps,
+                         kernel_tangent.reshape(-1, out_channels),
+                         preferred_element_type=jnp.float32)
+  return outputs, (by_kernel.reshape(outputs.shape)
+                   + _patches_conv(images_tangent, kernel, stride))
+
+
 def conv2d(
     images: jax.Array,
     kernel: jax.Array,
@@ -477,7 +555,7 @@ def conv2d(
   Returns:
     `(batch, out_height, out_width, out_channels)`, float32.
   """
-  kernel_size, kernel_width, in_channels, out_channels = kernel.shape
+  kernel_size, kernel_width, in_channels, _ = kernel.shape
   if kernel_size != kernel_width:
     raise ValueError(f'kernel must be square, got shape {kernel.shape}')
   if images.shape[-1] != in_channels:
@@ -494,6 +572,7 @@ def conv2d(
       images = images.astype(compute_dtype)
       kernel = kernel.astype(compute_dtype)
     return conv2d_lax(images, kernel, stride)
-  patches = extract_patches(images, kernel_size, stride)
-  return float32_einsum('bhwk,ko->bhwo', patches,
-                        kernel.reshape(-1, out_channels), compute_dtype)
+  if in_channels == 1 and _is_float32(compute_dtype):
+    return _one_channel_patches_conv(images.astype(jnp.float32),
+                                     kernel.astype(jnp.float32), stride)
+  return _patches_conv(images, kernel, stride, compute_dtype)

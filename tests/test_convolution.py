@@ -34,7 +34,8 @@ def _reference_conv(images, kernel, stride):
 @pytest.mark.parametrize(
     'image_size,channels,features,kernel_size,stride',
     [(28, 1, 16, 9, 1), (20, 32, 24, 9, 2), (11, 3, 5, 3, 3), (7, 4, 4, 7, 1),
-     (13, 2, 3, 4, 2)],  # odd input, even kernel, 2 unused rows
+     (13, 2, 3, 4, 2),  # odd input, even kernel, 2 unused rows
+     (13, 1, 3, 4, 2), (11, 1, 5, 3, 3)],  # the same with one channel
 )
 def test_matches_lax_conv_value_and_gradients(
     image_size, channels, features, kernel_size, stride, method
@@ -202,12 +203,66 @@ def test_errors_name_the_problem():
                        method='direct')
 
 
+@pytest.mark.parametrize('channels', [3, 1])
 @pytest.mark.parametrize('method', ['patches', 'fourier', 'lax'])
-def test_rectangular_images(method):
+def test_rectangular_images(method, channels):
   # An even grid on one axis and an odd one (the half spectrum's axis) on
   # the other: the Fourier method handles each axis on its own.
-  images = _normal(3, (2, 10, 13, 3))
-  kernel = _normal(4, (3, 3, 3, 2))
+  images = _normal(3, (2, 10, 13, channels))
+  kernel = _normal(4, (3, 3, channels, 2))
   chex.assert_trees_all_close(
       convolution.conv2d(images, kernel, 1, method=method),
       _reference_conv(images, kernel, 1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('height,width,kernel_size,stride',
+                         [(28, 28, 9, 1), (13, 10, 4, 2), (11, 11, 3, 3)])
+def test_tap_major_patches_are_the_patches_transposed(height, width,
+                                                      kernel_size, stride):
+  images = _normal(5, (3, height, width, 1))
+  patches = convolution.extract_patches(images, kernel_size, stride)
+  chex.assert_trees_all_equal(
+      convolution.extract_tap_major_patches(images, kernel_size, stride),
+      patches.reshape(-1, kernel_size**2).T)
+  with pytest.raises(ValueError, match='one channel'):
+    convolution.extract_tap_major_patches(
+        jnp.zeros((1, height, width, 2)), kernel_size, stride)
+
+
+def test_one_channel_patches_gradient_in_float32_and_bfloat16():
+  # Float32 takes the tap-major product, bfloat16 the pixel-major one: both
+  # give lax's kernel gradient (bfloat16 to its rounding).
+  images = _normal(6, (4, 28, 28, 1))
+  kernel = 0.1 * _normal(7, (9, 9, 1, 8))
+  cotangent = _normal(8, (4, 20, 20, 8))
+
+  def kernel_gradient(conv):
+    return jax.jit(jax.grad(lambda w: jnp.sum(conv(images, w) * cotangent))
+                   )(kernel)
+
+  expected = kernel_gradient(lambda x, w: _reference_conv(x, w, 1))
+  chex.assert_trees_all_close(
+      kernel_gradient(lambda x, w: convolution.conv2d(x, w, 1,
+                                                      method='patches')),
+      expected, rtol=1e-4, atol=1e-4)
+  chex.assert_trees_all_close(
+      kernel_gradient(lambda x, w: convolution.conv2d(
+          x, w, 1, jnp.bfloat16, method='patches')),
+      expected, rtol=3e-2, atol=0.5)
+
+
+def test_one_channel_patches_forward_mode_and_vmap():
+  # The one-channel float32 path defines its own JVP: forward mode and
+  # vmap must still give lax's values.
+  images = _normal(9, (2, 3, 13, 11, 1))
+  kernel = 0.1 * _normal(10, (4, 4, 1, 5))
+  images_tangent = _normal(11, images.shape)
+  kernel_tangent = _normal(12, kernel.shape)
+
+  def jvp(conv):
+    return jax.vmap(lambda x, x_dot: jax.jvp(
+        conv, (x, kernel), (x_dot, kernel_tangent)))(images, images_tangent)
+
+  chex.assert_trees_all_close(
+      jvp(lambda x, w: convolution.conv2d(x, w, 2, method='patches')),
+      jvp(lambda x, w: _reference_conv(x, w, 2)), rtol=1e-4, atol=1e-4)

@@ -81,10 +81,14 @@ SMALL_KERNEL_SIZE = 3
 # Timing.
 
 
-def compile_jitted(jitted: Any, *args) -> tuple[Any, float]:
-  """(compiled, seconds to trace + lower + compile) of `jitted` for `args`."""
+def compile_jitted(jitted: Any, *args,
+                   compiler_options: dict[str, str] | None = None
+                   ) -> tuple[Any, float]:
+  """(compiled, seconds to trace + lower + compile) of `jitted` for `args`,
+  with XLA's `compiler_options` (e.g. {'xla_cpu_...': '...'}) for this
+  program only; None: XLA's defaults."""
   start = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
+  compiled = jitted.lower(*args).compile(compiler_options=compiler_options)
   return compiled, time.perf_counter() - start
 
 
@@ -548,13 +552,15 @@ def random_batch(batch_size: int, image_shape=MNIST_IMAGE_SHAPE,
   }
 
 
-def compile_train_step(config, state, batch: dict[str, jax.Array]
+def compile_train_step(config, state, batch: dict[str, jax.Array],
+                       compiler_options: dict[str, str] | None = None
                        ) -> tuple[Any, float]:
   """(compiled, seconds to compile) of `train.train.train_step` jitted as
-  train_and_evaluate jits it: the state (argument 0) donated."""
+  train_and_evaluate jits it: the state (argument 0) donated
+  (`compiler_options`: see `compile_jitted`)."""
   step = jax.jit(functools.partial(train_lib.train_step, config=config),
                  donate_argnums=0)
-  return compile_jitted(step, state, batch)
+  return compile_jitted(step, state, batch, compiler_options=compiler_options)
 
 
 def benchmark_train_step(config, state, batch: dict[str, jax.Array], *,

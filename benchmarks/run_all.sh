@@ -46,6 +46,12 @@ done
 run train_step_float32_patches python benchmarks/train_step.py \
   --precision float32 --steps 10 --warmup 2 --conv-method patches \
   --out "$out/train_step_float32_patches.json"
+run xla_options python benchmarks/train_step.py \
+  --precision float32,bfloat16 --steps 2 --warmup 1 \
+  --compiler-option xla_cpu_experimental_ynn_fusion_type= \
+  --compiler-option \
+  xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT \
+  --out "$out/xla_options.json"
 run profile python benchmarks/train_step.py \
   --precision float32,bfloat16 --steps 2 --warmup 1 --profile "$out/profile" \
   --out "$out/profile.json"

@@ -171,6 +171,25 @@ def evaluation(directory: Path) -> str:
           f"({len(result['ratios'])} rounds)"])
 
 
+def compiler_options(directory: Path) -> str:
+  """Per report, precision and variant: the step compiled with XLA's
+  defaults and with each `--compiler-option`, timed alternately in that
+  process (`train_step.py --compiler-option`, `xla_options.json`)."""
+  lines = ['| report | precision | compiled with | median step s | '
+           'time / defaults (median of rounds) |',
+           '| --- | --- | --- | --- | --- |']
+  for path in sorted(directory.glob('*.json')):
+    report = json.loads(path.read_text())
+    for precision, result in (report.get('compiler_options') or {}).items():
+      for variant in result['variants']:
+        lines.append(
+            f"| {path.name} | {precision} | {variant['label']} | "
+            f"{variant['median_step_s']:.3f} | "
+            f"{variant['median_ratio_to_defaults']:.3f} "
+            f"({result['rounds']} rounds) |")
+  return '\n'.join(lines) if len(lines) > 2 else ''
+
+
 def experiments(directory: Path) -> str:
   return _per_run_table(
       directory,
@@ -235,6 +254,8 @@ def summary(directory: Path) -> str:
               ('Evaluation against training, per run',
                evaluation(directory)),
               ('Other experiments (float32)', experiments(directory)),
+              ('XLA compiler options, alternating in one process',
+               compiler_options(directory)),
               ('Peak memory per routing iteration count',
                routing_memory(directory)),
               ('Training steps by convolution method',

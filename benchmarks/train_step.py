@@ -65,6 +65,17 @@ the report holds the median of `--evaluation-rounds` (7) rounds' ratios.
 Forward only, an evaluated image costs about a third of a trained one's
 FLOPs.
 
+`--compiler-option NAME=VALUE` (repeatable) compares XLA compiler
+options on the training step, per precision: the step compiled with XLA's
+defaults and once with each option (for that program only, e.g.
+`--compiler-option xla_cpu_experimental_ynn_fusion_type=` for XLA:CPU
+without its YNNPACK products), all in one process and timed alternately,
+`--compiler-option-rounds` (7) rounds of 3 steps each, so that a drift of
+the machine's speed moves every variant alike (`XLA_FLAGS`, read once a
+process, can only compare across processes). The report gives each
+variant's median step and the median over rounds of its time over the
+defaults'. An option XLA does not accept is refused before any timing.
+
 `--profile DIR` writes a jax.profiler trace of a few steps per precision,
 and of each of `--experiments` (float32), one folder each (open with
 TensorBoard's profile plugin or Perfetto) and prints the time per
@@ -156,6 +167,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help='also time evaluation against training, '
                       'alternating in one process')
   parser.add_argument('--evaluation-rounds', type=int, default=7)
+  parser.add_argument('--compiler-option', action='append', default=[],
+                      metavar='NAME=VALUE',
+                      help='also time the step compiled with this XLA option '
+                      'against the defaults (repeatable)')
+  parser.add_argument('--compiler-option-rounds', type=int, default=7)
   parser.add_argument('--profile', metavar='DIR',
                       help='write a jax.profiler trace here')
   parser.add_argument('--profile-steps', type=int, default=3)
@@ -177,6 +193,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.error('--routing-iterations must be >= 1')
   if args.evaluation_rounds < 1:
     parser.error('--evaluation-rounds must be >= 1')
+  if args.compiler_option_rounds < 1:
+    parser.error('--compiler-option-rounds must be >= 1')
+  options = []
+  for text in args.compiler_option:
+    name, equals, value = text.partition('=')
+    if not equals or not name.strip():
+      parser.error(f'--compiler-option {text!r} must be NAME=VALUE (an '
+                   'empty VALUE is allowed)')
+    options.append((name.strip(), value))
+  args.compiler_option = options
   if args.torch and args.small:
     parser.error('--torch times the paper-size model only: drop --small')
   if args.torch and (args.routing_iterations != 3 or args.stop_gradient):
@@ -243,6 +269,60 @@ def time_step(config, base_state, batch, args) -> dict[str, Any]:
       'executed_flops_per_s': executed,
       'executed_fraction_of_matmul_peak': (
           executed and executed / matmul['flops_per_s']),
+  }
+
+
+def check_compiler_options(options: Sequence[tuple[str, str]]) -> None:
+  """Exits naming the first option XLA refuses (compiled on a one-op
+  program, before any timing)."""
+  for name, value in options:
+    try:
+      jax.jit(lambda x: x + 1).lower(1.0).compile(
+          compiler_options={name: value})
+    except Exception as error:  # pylint: disable=broad-except
+      raise SystemExit(f'--compiler-option {name}={value}: XLA refused it: '
+                       f'{error}') from error
+
+
+def time_compiler_options(config, base_state, batch,
+                          options: Sequence[tuple[str, str]], rounds: int,
+                          steps_per_round: int = 3) -> dict[str, Any]:
+  """The step with XLA's defaults and with each of `options`, alternating
+  in one process (see the module docstring)."""
+  variants = [('XLA defaults', None)] + [
+      (f'{name}={value}', {name: value}) for name, value in options]
+  compiled = []
+  for label, compiler_options in variants:
+    state = common.state_for(base_state, config)
+    step, compile_s = common.compile_train_step(config, state, batch,
+                                                compiler_options)
+    compiled.append({'label': label, 'step': step, 'state': state,
+                     'compile_s': compile_s, 'step_s': []})
+
+  for variant in compiled:
+    def train_once(variant=variant):
+      variant['state'], metrics = variant['step'](variant['state'], batch)
+      return metrics
+    variant['call'] = train_once
+    jax.block_until_ready(train_once())  # warm up
+  for _ in range(rounds):
+    for variant in compiled:
+      variant['step_s'].append(
+          common.time_calls(variant['call'], steps_per_round, 0)['median_s'])
+  defaults = compiled[0]['step_s']
+  return {
+      'rounds': rounds,
+      'steps_per_round': steps_per_round,
+      'variants': [{
+          'options': dict(compiler_options or {}),
+          'label': variant['label'],
+          'compile_s': variant['compile_s'],
+          'step_s': variant['step_s'],
+          'median_step_s': statistics.median(variant['step_s']),
+          'median_ratio_to_defaults': statistics.median(
+              [time / default
+               for time, default in zip(variant['step_s'], defaults)]),
+      } for variant, (_, compiler_options) in zip(compiled, variants)],
   }
 
 
@@ -610,6 +690,7 @@ def skipped_precisions(precisions: list[str], machine: dict[str, Any],
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   machine = common.set_up_machine(args)
+  check_compiler_options(args.compiler_option)
   skipped = skipped_precisions(args.precision, machine, args.emulated_bfloat16)
   for precision, reason in skipped.items():
     print(f'{precision}: not timed: {reason}', flush=True)
@@ -645,6 +726,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       print(f'{precision}: evaluation against training...', flush=True)
       evaluations[precision] = time_evaluation(
           config, base_state, batch, args.evaluation_rounds)
+
+  compiler_options = {}
+  if args.compiler_option:
+    for precision, config in configs.items():
+      print(f'{precision}: XLA compiler options...', flush=True)
+      compiler_options[precision] = time_compiler_options(
+          config, base_state, batch, args.compiler_option,
+          args.compiler_option_rounds)
 
   breakdowns = None
   if args.breakdown:
@@ -722,6 +811,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{min(e['ratios']):.2f}-{max(e['ratios']):.2f}",
           e['images_per_call'], e['steps_per_round']]
          for precision, e in evaluations.items()]))
+  if compiler_options:
+    print(f'\nXLA compiler options, {args.compiler_option_rounds} rounds of '
+          '3 steps alternating in this process:')
+    print(common.format_table(
+        ['precision', 'compiled with', 'median step s',
+         'time / defaults (median of rounds)', 'compile s'],
+        [[precision, variant['label'], f"{variant['median_step_s']:.4f}",
+          f"{variant['median_ratio_to_defaults']:.3f}",
+          f"{variant['compile_s']:.1f}"]
+         for precision, result in compiler_options.items()
+         for variant in result['variants']]))
   if breakdowns:
     for precision, result in breakdowns.items():
       print_breakdown(precision, result, results[precision]['median_step_s'])
@@ -748,6 +848,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           'conv_method': args.conv_method,
           'evaluation_rounds': (args.evaluation_rounds if args.evaluation
                                 else None),
+          'compiler_options': [f'{name}={value}'
+                               for name, value in args.compiler_option],
           'reuse_freed_host_memory': not args.system_malloc,
           'matmul': 'square jnp.dot, same FLOPs and input dtype, float32 '
                     'accumulation and output',
@@ -759,6 +861,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'experiments': experiment_results or None,
       'breakdown': breakdowns,
       'evaluation': evaluations or None,
+      'compiler_options': compiler_options or None,
       'profile': profile_tables,
       'machine': machine,
   }

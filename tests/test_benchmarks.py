@@ -546,6 +546,18 @@ def test_summary_names_the_machine_and_the_side_by_side_ratios(tmp_path):
   assert '| lenet5 | 28x28x1 |' in text and '| 2.00 |' in text
   assert ('| train_step_1.json | float32 | 600.0 | 200.0 | 3.00x | 2.90-3.20 '
           '(3 rounds) |') in text
+  options_dir = tmp_path / 'options'
+  options_dir.mkdir()
+  (options_dir / 'xla_options.json').write_text(json.dumps({
+      'results': {}, 'machine': machine,
+      'compiler_options': {'float32': {'rounds': 7, 'variants': [
+          {'label': 'XLA defaults', 'median_step_s': 0.5,
+           'median_ratio_to_defaults': 1.0},
+          {'label': 'xla_cpu_experimental_ynn_fusion_type=',
+           'median_step_s': 0.6, 'median_ratio_to_defaults': 1.2}]}}}))
+  text = summarize.summary(options_dir)
+  assert ('| xla_options.json | float32 | xla_cpu_experimental_ynn_fusion_'
+          'type= | 0.600 | 1.200 (7 rounds) |') in text
   # A run under other XLA flags is a machine of its own.
   flagged = dict(report, machine=dict(
       machine, xla_flags='--xla_cpu_experimental_ynn_fusion_type='))
@@ -575,6 +587,43 @@ def test_evaluation_rounds_are_checked(capsys):
   with pytest.raises(SystemExit):
     train_step.parse_args(['--evaluation', '--evaluation-rounds', '0'])
   assert '--evaluation-rounds must be >= 1' in capsys.readouterr().err
+
+
+def test_compiler_options_are_timed_against_the_defaults(tmp_path, capsys):
+  out = tmp_path / 'train_step.json'
+  train_step.main(['--precision', 'float32', '--small', '--batch-size', '2',
+                   '--steps', '1', '--warmup', '0', '--min-timed-seconds',
+                   '0', '--min-warmup-seconds', '0', '--compiler-option',
+                   'xla_cpu_experimental_ynn_fusion_type=',
+                   '--compiler-option-rounds', '2', '--out', str(out)])
+  report = json.loads(out.read_text())
+  result = report['compiler_options']['float32']
+  assert result['rounds'] == 2
+  defaults, without_ynn = result['variants']
+  assert defaults['options'] == {} and without_ynn['options'] == {
+      'xla_cpu_experimental_ynn_fusion_type': ''}
+  for variant in result['variants']:
+    assert len(variant['step_s']) == 2 and all(map(positive,
+                                                   variant['step_s']))
+    assert variant['median_step_s'] == pytest.approx(
+        np.median(variant['step_s']))
+  assert defaults['median_ratio_to_defaults'] == pytest.approx(1.0)
+  assert without_ynn['median_ratio_to_defaults'] == pytest.approx(
+      np.median(np.array(without_ynn['step_s'])
+                / np.array(defaults['step_s'])))
+  assert report['settings']['compiler_options'] == [
+      'xla_cpu_experimental_ynn_fusion_type=']
+  assert 'XLA compiler options, 2 rounds' in capsys.readouterr().out
+
+
+def test_compiler_options_are_checked(capsys):
+  with pytest.raises(SystemExit):
+    train_step.parse_args(['--compiler-option', 'no_equals_sign'])
+  assert 'must be NAME=VALUE' in capsys.readouterr().err
+  with pytest.raises(SystemExit, match='xla_cpu_experimental_ynn_fusion_'
+                     'type=individual_dot: XLA refused it'):
+    train_step.main(['--small', '--compiler-option',
+                     'xla_cpu_experimental_ynn_fusion_type=individual_dot'])
 
 
 def test_experiments_are_checked():

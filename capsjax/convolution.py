@@ -109,6 +109,9 @@ def extract_tap_major_patches(images: jax.Array, kernel_size: int,
     `(batch, out_y, out_x)` order; the transpose of `extract_patches`'s
     result reshaped to `(-1, kernel_size**2)`.
   """
+  # Sliced into this order rather than transposed from `extract_patches`:
+  # XLA folds a transpose into the product that reads it, which then
+  # contracts the pixel-major patches again (`lhs_contracting_dims={0}`).
   batch, height, width, channels = images.shape
   if channels != 1:
     raise ValueError(f'tap-major patches take one channel, got {channels}')

@@ -296,8 +296,9 @@ def time_compiler_options(config, base_state, batch,
     state = common.state_for(base_state, config)
     step, compile_s = common.compile_train_step(config, state, batch,
                                                 compiler_options)
-    compiled.append({'label': label, 'step': step, 'state': state,
-                     'compile_s': compile_s, 'step_s': []})
+    compiled.append({'label': label, 'options': compiler_options or {},
+                     'step': step, 'state': state, 'compile_s': compile_s,
+                     'step_s': []})
 
   for variant in compiled:
     def train_once(variant=variant):
@@ -314,7 +315,7 @@ def time_compiler_options(config, base_state, batch,
       'rounds': rounds,
       'steps_per_round': steps_per_round,
       'variants': [{
-          'options': dict(compiler_options or {}),
+          'options': variant['options'],
           'label': variant['label'],
           'compile_s': variant['compile_s'],
           'step_s': variant['step_s'],
@@ -322,7 +323,7 @@ def time_compiler_options(config, base_state, batch,
           'median_ratio_to_defaults': statistics.median(
               [time / default
                for time, default in zip(variant['step_s'], defaults)]),
-      } for variant, (_, compiler_options) in zip(compiled, variants)],
+      } for variant in compiled],
   }
 
 

@@ -188,6 +188,43 @@ def test_float32_einsum_gradients_are_autodiffs():
                               atol=5e-2)
 
 
+@pytest.mark.parametrize('spec, lhs_shape, rhs_shape', [
+    ('fmk,fkn->fmn', (3, 4, 5), (3, 5, 6)),      # the channel products
+    ('bhwk,ko->bhwo', (2, 3, 4, 5), (5, 6)),     # a convolution by patches
+    ('ko,km->om', (5, 6), (5, 7)),               # batch-minor patches
+])
+def test_bfloat16_einsum_gradients_with_the_lhs_reordered(spec, lhs_shape,
+                                                          rhs_shape):
+  # The backward pass reads the lhs stored with the rhs gradient's
+  # contracted indices last; the gradients stay autodiff's within
+  # bfloat16's precision, whatever the spec.
+  lhs, rhs = _normal(0, lhs_shape), _normal(1, rhs_shape)
+  cotangent = _normal(2, jnp.einsum(spec, lhs, rhs).shape)
+
+  def gradients(einsum):
+    return jax.jit(jax.grad(lambda a, b: jnp.sum(einsum(a, b) * cotangent),
+                            argnums=(0, 1)))(lhs, rhs)
+
+  got = gradients(lambda a, b: convolution.float32_einsum(
+      spec, a, b, jnp.bfloat16))
+  expected = gradients(lambda a, b: jnp.einsum(spec, a, b))
+  chex.assert_trees_all_close(got, expected, rtol=3e-2, atol=5e-2)
+
+
+def test_lhs_order_for_rhs_gradient_puts_the_contracted_indices_last():
+  order = convolution._lhs_order_for_rhs_gradient
+  assert order('fmk,fkn->fmn') == 'fkm'
+  assert order('bhwk,ko->bhwo') == 'kbhw'
+  assert order('ko,km->om') == 'ko'  # already canonical: no copy
+
+
+def test_materialized_transpose_is_the_transpose():
+  array = _normal(0, (2, 3, 4))
+  chex.assert_trees_all_equal(
+      jax.jit(lambda a: convolution._materialized_transpose(a, (0, 2, 1)))(
+          array), array.transpose(0, 2, 1))
+
+
 def test_errors_name_the_problem():
   with pytest.raises(ValueError, match='does not fit'):
     convolution.extract_patches(jnp.zeros((1, 4, 4, 1)), 5, 1)

@@ -328,6 +328,9 @@ def machine_info() -> dict[str, Any]:
   device = jax.devices()[0]
   return {
       'cpu_model': cpu.get('cpu_model', platform.processor() or 'unknown'),
+      'cpu_family': cpu.get('cpu_family'),
+      'cpu_model_number': cpu.get('cpu_model_number'),
+      'cpu_stepping': cpu.get('cpu_stepping'),
       'cpu_flags': cpu.get('flags', []),
       'cpu_bfloat16': cpu_has_bfloat16(),
       'cpu_count': os.cpu_count(),
@@ -359,7 +362,7 @@ def describe_machine(machine: dict[str, Any]) -> str:
       sorted(RECORDED_CPU_FLAGS))
   xla_flags = machine.get('xla_flags')
   xla_flags = f', XLA_FLAGS={xla_flags}' if xla_flags else ''
-  return (f"{machine['cpu_model']} (flags: {flags}), "
+  return (f"{hardware.describe_cpu(machine)} (flags: {flags}), "
           f"{machine['cpus_usable']} usable cores, "
           f"jax {machine['jax']} / jaxlib {machine['jaxlib']} on "
           f"{machine['backend']} ({machine['device_kind']}){allocator}"

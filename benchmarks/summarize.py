@@ -24,6 +24,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `train` is not installed with capsjax.
+  sys.path.insert(0, str(REPO_ROOT))
+
+from train import hardware  # pylint: disable=g-import-not-at-top
+
 
 def _setting(report: dict[str, Any], precision: str) -> tuple[str, str, str]:
   settings = report['settings']
@@ -104,7 +110,7 @@ def machines(directory: Path) -> str:
     machine = json.loads(path.read_text()).get('machine')
     if not machine:
       continue
-    line = (f"{machine['cpu_model']}; CPU flags: "
+    line = (f"{hardware.describe_cpu(machine)}; CPU flags: "
             f"{' '.join(machine.get('cpu_flags', [])) or '-'}; bfloat16 "
             f"instructions: {machine.get('cpu_bfloat16', 'unknown')}; "
             f"{machine.get('cpus_usable', '?')} usable cores; device: "

@@ -570,6 +570,19 @@ def test_summary_names_the_machine_and_the_side_by_side_ratios(tmp_path):
       '(train_step_2.json)')
 
 
+def test_summary_names_the_cpu_family_and_model(tmp_path):
+  machine = {'cpu_model': 'Intel(R) Xeon(R) Processor', 'cpu_family': 6,
+             'cpu_model_number': 143, 'cpu_stepping': 8,
+             'cpu_flags': ['amx_bf16'], 'cpu_bfloat16': True,
+             'cpus_usable': 2, 'device_kind': 'cpu', 'jax': '0.10.2'}
+  (tmp_path / 'train_step_1.json').write_text(json.dumps(
+      {'results': {}, 'machine': machine}))
+  from benchmarks import summarize  # pylint: disable=g-import-not-at-top
+  assert summarize.machines(tmp_path).startswith(
+      '- Intel(R) Xeon(R) Processor (family 6, model 143); CPU flags: '
+      'amx_bf16;')
+
+
 def test_machine_names_the_xla_flags(monkeypatch):
   monkeypatch.delenv('XLA_FLAGS', raising=False)
   machine = common.machine_info()

@@ -24,6 +24,23 @@ def test_bfloat16_instructions_are_read_from_cpuinfo():
                   'flags': ['avx2', 'avx512f', 'fma']}
 
 
+def test_family_and_model_numbers_name_a_generic_model():
+  # A virtual machine often reports a generic model name: the numbers are
+  # what tell one microarchitecture from another.
+  text = ('processor\t: 0\ncpu family\t: 6\nmodel\t\t: 143\n'
+          'model name\t: Intel(R) Xeon(R) Processor\nstepping\t: 8\n'
+          'flags\t\t: avx2 amx_bf16\n'
+          'processor\t: 1\ncpu family\t: 6\nmodel\t\t: 999\n')
+  info = hardware.cpuinfo(text)
+  assert (info['cpu_family'], info['cpu_model_number'],
+          info['cpu_stepping']) == (6, 143, 8)
+  assert hardware.describe_cpu(info) == (
+      'Intel(R) Xeon(R) Processor (family 6, model 143)')
+  # Records without the numbers (or with them unknown) keep the name.
+  assert hardware.describe_cpu({'cpu_model': 'Some CPU',
+                                'cpu_family': None}) == 'Some CPU'
+
+
 @pytest.mark.parametrize('precision,extra,warned', [
     ('bfloat16', '', True), ('bfloat16', 'avx512_bf16', False),
     ('bfloat16', 'amx_bf16', False), ('float32', '', False)])

@@ -192,8 +192,9 @@ def _lhs_order_for_rhs_gradient(spec: str) -> str:
   the gradient's rows (shared with rhs), then the contracted ones (shared
   with the output), last. 'fmk,fkn->fmn' -> 'fkm'."""
   lhs_spec, rhs_spec, out_spec = _split_spec(spec)
-  batch = [index for index in lhs_spec if index in rhs_spec and index in out_spec]
-  rows = [index for index in lhs_spec if index in rhs_spec and index not in out_spec]
+  shared = [index for index in lhs_spec if index in rhs_spec]
+  batch = [index for index in shared if index in out_spec]
+  rows = [index for index in shared if index not in out_spec]
   contracted = [index for index in lhs_spec if index not in rhs_spec]
   return ''.join(batch + rows + contracted)
 

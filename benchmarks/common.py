@@ -181,18 +181,31 @@ def memory_stats(compiled: Any) -> dict[str, float] | None:
   }
 
 
-def flops_of(compiled: Any) -> float | None:
-  """XLA's FLOP count of a compiled program, or None if not available."""
+def _cost_of(compiled: Any, key: str) -> float | None:
+  """A positive entry of XLA's cost analysis of a compiled program, or
+  None if not available."""
   try:
     analysis = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
     return None
   if isinstance(analysis, (list, tuple)):  # Older jax: one per program.
     analysis = analysis[0] if analysis else None
-  if not analysis or 'flops' not in analysis:
+  if not analysis or key not in analysis:
     return None
-  flops = float(analysis['flops'])
-  return flops if flops > 0 else None
+  value = float(analysis[key])
+  return value if value > 0 else None
+
+
+def flops_of(compiled: Any) -> float | None:
+  """XLA's FLOP count of a compiled program, or None if not available."""
+  return _cost_of(compiled, 'flops')
+
+
+def bytes_accessed_of(compiled: Any) -> float | None:
+  """XLA's count of the bytes a compiled program's operations access (each
+  operation's output and operands, each once; see
+  benchmarks/op_profile.py), or None if not available."""
+  return _cost_of(compiled, 'bytes accessed')
 
 
 TIMING_KEYS = ('median_s', 'min_s', 'max_s', 'iqr_s', 'mean_s', 'repeats',
@@ -222,7 +235,8 @@ def benchmark(fn: Callable[..., Any], args: tuple, *, repeats: int,
 
   Returns:
     `summarize` of the times, plus compile_s, memory (`memory_stats`),
-    flops (`flops_of`) and images_per_s; with `return_outputs`, the pair
+    flops (`flops_of`), bytes_accessed (`bytes_accessed_of`) and
+    images_per_s; with `return_outputs`, the pair
     (that, outputs).
   """
   jitted = jax.jit(fn, donate_argnums=donate_argnums)
@@ -242,7 +256,8 @@ def benchmark(fn: Callable[..., Any], args: tuple, *, repeats: int,
     timing = time_calls(call, repeats, warmup, min_warmup_s=min_warmup_s,
                         min_timed_s=min_timed_s)
   result = {'compile_s': compile_s, **timing,
-            'memory': memory_stats(compiled), 'flops': flops_of(compiled)}
+            'memory': memory_stats(compiled), 'flops': flops_of(compiled),
+            'bytes_accessed': bytes_accessed_of(compiled)}
   if batch_size is not None:
     result['images_per_s'] = (None if repeats == 0 else
                               batch_size / result['median_s'])

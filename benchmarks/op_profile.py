@@ -14,6 +14,16 @@ cuDNN convolutions on GPUs), copies and
 transposes (layout changes, no arithmetic), and the rest (elementwise
 fusions, reductions, slices). `benchmarks/train_step.py --profile DIR`
 prints these tables for the training step.
+
+Each operation's bytes accessed are counted as XLA's cost analysis counts
+them (`compiled.cost_analysis()['bytes accessed']` is their sum over the
+module): its output and every operand, each once (`bytes_accessed`). Over
+its time in the trace that gives the rate at which it moves memory, to set
+beside the machine's streaming rate: an operation far below it is bound by
+something else (arithmetic, or an access pattern the CPU's caches and
+prefetchers serve badly). It is a model of the traffic, not a measurement:
+a product that re-reads a blocked operand moves more, and operands still
+in the cache from the previous operation cost less.
 """
 
 from __future__ import annotations
@@ -33,6 +43,14 @@ _OP_NAME = re.compile(r'op_name="(?P<op_name>[^"]*)"')
 # e.g. a layout copy of a parameter, or a broadcast it wrapped).
 UNNAMED = 'not named in the HLO'
 
+# An instruction with its whole output shape (a tuple's too), its opcode
+# and its operands.
+_INSTRUCTION_OPERANDS = re.compile(
+    r'^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = (?P<shape>\(.*?\)|\S+) '
+    r'(?P<opcode>[\w\-]+)\((?P<operands>[^)]*)\)', re.MULTILINE)
+_ARRAY_SHAPE = re.compile(r'(?P<dtype>[a-z]+\d*(?:e\d+m\d+\w*)?)\[(?P<dims>[\d,]*)\]')
+_OPERAND = re.compile(r'%(?P<name>[\w.\-]+)')
+
 # The model scope after the traced function's own prefix.
 _SCOPE = re.compile(r'jvp\((?P<model>\w+)\)\)?/(?P<part>\w+)')
 
@@ -48,6 +66,39 @@ def hlo_operations(hlo_text: str) -> dict[str, tuple[str, str]]:
     operations[match['name']] = (match['shape'],
                                  op_name['op_name'] if op_name else '')
   return operations
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string, e.g. 'f32[190,128,256]{2,1,0}' or a
+  tuple '(f32[8]{0}, bf16[2,2]{1,0})'; tokens and opaque values count 0."""
+  total = 0
+  for match in _ARRAY_SHAPE.finditer(shape):
+    dtype = match['dtype']
+    if dtype == 'pred':
+      bits = 8
+    else:
+      width = re.match(r'[a-z]+(\d+)', dtype)
+      if not width:  # token[], opaque: no data.
+        continue
+      bits = int(width[1])
+    elements = 1
+    for size in filter(None, match['dims'].split(',')):
+      elements *= int(size)
+    total += (elements * bits + 7) // 8
+  return total
+
+
+def bytes_accessed(hlo_text: str) -> dict[str, int]:
+  """{operation name: bytes its output and operands hold, each counted
+  once}, the count that XLA's cost analysis sums to 'bytes accessed'."""
+  shapes = {}
+  accessed = {}
+  for match in _INSTRUCTION_OPERANDS.finditer(hlo_text):
+    shapes[match['name']] = shape_bytes(match['shape'])
+    accessed[match['name']] = shapes[match['name']] + sum(
+        shapes.get(operand['name'], 0)
+        for operand in _OPERAND.finditer(match['operands']))
+  return accessed
 
 
 def kind(operation: str) -> str:
@@ -90,20 +141,27 @@ def op_table(events: Iterable[dict[str, Any]], hlo_text: str, steps: int
              ) -> list[dict[str, Any]]:
   """Per XLA operation of `hlo_text`: milliseconds per step (the events'
   durations, in microseconds, summed and divided by `steps`), its kind,
-  shape, model part and direction; largest first. Events that are not
-  operations of the module (Python, runtime waits) are left out."""
+  shape, model part and direction, and its bytes accessed (per call, see
+  `bytes_accessed`; zero where the HLO text does not give them); largest
+  first. Events that are not operations of the module (Python, runtime
+  waits) are left out."""
   operations = hlo_operations(hlo_text)
+  accessed = bytes_accessed(hlo_text)
   totals: dict[str, float] = collections.Counter()
+  calls: dict[str, int] = collections.Counter()
   for event in events:
     if event['name'] in operations:
       totals[event['name']] += event['dur']
+      calls[event['name']] += 1
   rows = []
   for name, microseconds in totals.items():
     shape, op_name = operations[name]
     part, direction = scope(op_name)
     rows.append({'operation': name, 'ms_per_step': microseconds / 1e3 / steps,
                  'kind': kind(name), 'shape': shape, 'part': part,
-                 'direction': direction, 'op_name': op_name})
+                 'direction': direction, 'op_name': op_name,
+                 'bytes_accessed': accessed.get(name, 0),
+                 'calls_per_step': calls[name] / steps})
   return sorted(rows, key=lambda row: -row['ms_per_step'])
 
 
@@ -114,3 +172,17 @@ def totals_by(rows: Iterable[dict[str, Any]], *keys: str
   for row in rows:
     totals[tuple(row[key] for key in keys)] += row['ms_per_step']
   return sorted(totals.items(), key=lambda item: -item[1])
+
+
+def bytes_per_step(row: dict[str, Any]) -> float:
+  """An `op_table` row's bytes accessed per step (per call x calls)."""
+  return row['bytes_accessed'] * row['calls_per_step']
+
+
+def memory_rate(rows: Iterable[dict[str, Any]]) -> float | None:
+  """Bytes per second that `rows` move over the time they take (their
+  bytes accessed per step over their milliseconds per step); None for no
+  time."""
+  rows = list(rows)
+  seconds = sum(row['ms_per_step'] for row in rows) / 1e3
+  return sum(map(bytes_per_step, rows)) / seconds if seconds > 0 else None

@@ -9,7 +9,7 @@ one Markdown row per setting: the median over runs of each run's median
 step time, its range over runs, images/s, and PyTorch's step time measured
 in the same runs with the speed ratio; then, per run, the ratios measured
 side by side (JAX vs PyTorch, executed FLOPs vs the same run's plain dot
-rate); evaluation against training, alternating in one process
+rate, XLA's bytes accessed vs the same run's streaming rate); evaluation against training, alternating in one process
 (`--evaluation`); the other experiments' steps; the peak memory per
 routing iteration count (`routing_iterations.json`); whole steps by
 convolution method (`conv_methods.json`); and the machine (CPU model and
@@ -127,8 +127,10 @@ def side_by_side(directory: Path) -> str:
   """Per run and precision: the ratios measured in that run."""
   lines = ['| run | precision | JAX step s | PyTorch step s | JAX speed-up | '
            'plain dot GFLOP/s | executed GFLOP/step | executed FLOPs of the '
-           'dot rate | skipped |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+           'dot rate | streaming GB/s | GB accessed/step | bytes accessed '
+           'at the streaming rate, of the step | skipped |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- '
+           '| --- |']
   for name, report in _reports(directory):
     skipped = '; '.join(f'{p}: not timed (no bfloat16 instructions)'
                         for p in (report.get('skipped') or {}))
@@ -141,10 +143,17 @@ def side_by_side(directory: Path) -> str:
           f"{ratio['torch_median_step_s']:.3f} | "
           f"{ratio['jax_speedup']:.2f}x | " if ratio else
           f"| {name} | {precision} | {result['median_step_s']:.3f} | - | - | ")
+      # Reports from before the memory traffic was recorded have none.
+      stream = (result.get('stream') or {}).get('bytes_per_s')
+      accessed = result.get('bytes_accessed')
+      traffic = result.get('bytes_at_stream_rate_fraction')
       lines[-1] += (
           f"{result['matmul']['flops_per_s'] / 1e9:.0f} | "
           f"{(result.get('flops_executed') or 0) / 1e9:.1f} | "
           f"{'-' if executed is None else f'{100 * executed:.0f}%'} | "
+          f"{'-' if stream is None else f'{stream / 1e9:.1f}'} | "
+          f"{'-' if accessed is None else f'{accessed / 1e9:.2f}'} | "
+          f"{'-' if traffic is None else f'{100 * traffic:.0f}%'} | "
           f"{skipped or '-'} |")
   return '\n'.join(lines) if len(lines) > 2 else ''
 

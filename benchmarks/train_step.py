@@ -25,6 +25,15 @@ JSON also records `flops_executed`, XLA's `cost_analysis()` count (which
 counts a loop body once, so it leaves out routing iterations after the
 first).
 
+Memory traffic beside it: XLA's count of the bytes the step's operations
+access (`bytes_accessed`: each operation's operands and output, once; see
+benchmarks/op_profile.py), the rate at which the same run streams float32
+arrays of 256 MB through memory (`stream`: `y = 2 x`, reading one array
+and writing another), and the time that traffic alone would take at that
+rate, as a fraction of the step (`bytes_at_stream_rate_fraction`). Near
+100%, the step is as fast as its memory traffic allows without moving
+fewer bytes; the matmul fraction says the same of its arithmetic.
+
 `--torch` then runs benchmarks/torch_reference.py with the same batch size,
 steps, warm-up and thread count, and prints the speed ratio per precision.
 Its interpreter: `--torch-python`, else the environment variable
@@ -81,7 +90,8 @@ and of each of `--experiments` (float32), one folder each (open with
 TensorBoard's profile plugin or Perfetto) and prints the time per
 XLA operation from it (benchmarks/op_profile.py): by kind (matrix products,
 copies and transposes, the rest), by model part and pass, and the largest
-operations; the JSON holds the whole table under 'profile'.
+operations, each with its bytes accessed and the rate it moves them at;
+the JSON holds the whole table under 'profile'.
 
 Examples:
 
@@ -229,6 +239,34 @@ def matmul_peak(flops: float, precision: str, repeats: int,
   return result
 
 
+# The streaming rate's arrays: well beyond any CPU's caches, about the size
+# of the step's larger temporaries.
+STREAM_BYTES = 256 * 2**20
+
+
+def streaming_rate(repeats: int, warmup: int,
+                   array_bytes: int = STREAM_BYTES) -> dict[str, Any]:
+  """Times `y = 2 x` for float32 arrays of `array_bytes`, written into a
+  second array that is donated (each call's output the next one's input,
+  its input the next one's destination): like the step's operations, it
+  reads one buffer and writes another, already mapped, so no call faults
+  in fresh memory. The same run's rate at which memory streams, in XLA's
+  own count of the bytes accessed (input and output: twice `array_bytes`),
+  to set the step's bytes accessed against."""
+  source = jnp.ones((array_bytes // 4,), jnp.float32)
+  destination = jnp.ones((array_bytes // 4,), jnp.float32)
+  result = common.benchmark(
+      lambda source, destination: jax.lax.dynamic_update_slice(
+          destination, source * 2, (0,)),
+      (source, destination), repeats=repeats, warmup=max(warmup, 1),
+      donate_argnums=(1,),
+      next_args=lambda args, outputs: (outputs, args[0]))
+  result.update(array_bytes=array_bytes,
+                bytes=result['bytes_accessed'] or 2 * array_bytes)
+  result['bytes_per_s'] = result['bytes'] / result['median_s']
+  return result
+
+
 def step_durations(args: argparse.Namespace) -> dict[str, Any]:
   """`common.benchmark_train_step`'s step counts and durations."""
   return {'repeats': args.steps, 'warmup': args.warmup,
@@ -247,6 +285,10 @@ def time_step(config, base_state, batch, args) -> dict[str, Any]:
   matmul = matmul_peak(flops, config.precision, args.steps, args.warmup)
   achieved = flops / step['median_s']
   executed = step['flops'] and step['flops'] / step['median_s']
+  stream = streaming_rate(args.steps, args.warmup)
+  # The time the step's memory traffic alone takes at the streaming rate.
+  bytes_time = step['bytes_accessed'] and (step['bytes_accessed'] /
+                                           stream['bytes_per_s'])
   return {
       'median_step_s': step['median_s'],
       'steps_timed': step['repeats'],
@@ -269,6 +311,11 @@ def time_step(config, base_state, batch, args) -> dict[str, Any]:
       'executed_flops_per_s': executed,
       'executed_fraction_of_matmul_peak': (
           executed and executed / matmul['flops_per_s']),
+      'bytes_accessed': step['bytes_accessed'],  # XLA's, or None
+      'stream': stream,
+      'bytes_at_stream_rate_s': bytes_time,
+      'bytes_at_stream_rate_fraction': (
+          bytes_time and bytes_time / step['median_s']),
   }
 
 
@@ -434,6 +481,14 @@ def time_experiment(name: str, args, mnist: dict[str, Any]
   return result
 
 
+def _traffic(rows) -> tuple[str, str]:
+  """(GB accessed per step, GB/s over their time) of op_table rows."""
+  rows = list(rows)
+  rate = op_profile.memory_rate(rows)
+  return (f'{sum(map(op_profile.bytes_per_step, rows)) / 1e9:.2f}',
+          '-' if rate is None else f'{rate / 1e9:.1f}')
+
+
 def profile(directory: str, runs: dict[str, tuple[Any, Any, Any]],
             steps: int) -> dict[str, Any]:
   """A jax.profiler trace of `steps` steps (after warm-up) of each of
@@ -459,17 +514,24 @@ def profile(directory: str, runs: dict[str, tuple[Any, Any, Any]],
     print(f'\n{label} step, time per XLA operation from the trace '
           f'({steps} steps; the profiler adds its own overhead):')
     print(common.format_table(
-        ['kind', 'ms per step'],
-        [(kind, f'{ms:.1f}') for (kind,), ms in
-         op_profile.totals_by(rows, 'kind')]))
+        ['kind', 'ms per step', 'GB accessed', 'GB/s'],
+        [(kind, f'{ms:.1f}', *_traffic(row for row in rows
+                                       if row['kind'] == kind))
+         for (kind,), ms in op_profile.totals_by(rows, 'kind')]))
     print(common.format_table(
-        ['model part', 'pass', 'ms per step'],
-        [(part, direction, f'{ms:.1f}') for (part, direction), ms in
+        ['model part', 'pass', 'ms per step', 'GB accessed', 'GB/s'],
+        [(part, direction, f'{ms:.1f}',
+          *_traffic(row for row in rows if row['part'] == part and
+                    row['direction'] == direction))
+         for (part, direction), ms in
          op_profile.totals_by(rows, 'part', 'direction')]))
     print(common.format_table(
-        ['operation', 'kind', 'ms per step', 'shape', 'op_name'],
+        ['operation', 'kind', 'ms per step', 'MB accessed', 'GB/s', 'shape',
+         'op_name'],
         [(row['operation'], row['kind'], f"{row['ms_per_step']:.1f}",
-          row['shape'], row['op_name'][-70:]) for row in rows[:15]]))
+          f'{op_profile.bytes_per_step(row) / 1e6:.0f}',
+          *_traffic([row])[1:], row['shape'], row['op_name'][-70:])
+         for row in rows[:15]]))
   print(f'wrote a profiler trace to {directory}')
   return tables
 
@@ -786,6 +848,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
        'matmul GFLOP/s', 'model FLOPs of matmul rate',
        'executed GFLOP/step', 'executed of matmul rate',
        'page faults per step'], rows))
+  print("\nmemory traffic: XLA's bytes accessed per step (each operation's "
+        'operands and output, once) at the rate of y = 2 x on float32 arrays '
+        f'of {STREAM_BYTES // 2**20} MB, same run:')
+  print(common.format_table(
+      ['precision', 'GB accessed/step', 'streaming GB/s',
+       's at streaming rate', 'of the step'],
+      [[precision, '-' if not result['bytes_accessed'] else
+        f"{result['bytes_accessed'] / 1e9:.2f}",
+        f"{result['stream']['bytes_per_s'] / 1e9:.1f}",
+        '-' if not result['bytes_at_stream_rate_s'] else
+        f"{result['bytes_at_stream_rate_s']:.4f}",
+        '-' if not result['bytes_at_stream_rate_fraction'] else
+        f"{100 * result['bytes_at_stream_rate_fraction']:.0f}%"]
+       for precision, result in results.items()]))
   if experiment_results:
     print('\nother experiments, float32 (predicted: the MNIST step time '
           "scaled by XLA's executed FLOPs):")

@@ -304,6 +304,18 @@ def test_train_step(tmp_path, capsys):
     check_memory(result['memory'], precision)
     matmul = result['matmul']
     assert matmul['dtype'] == precision and positive(matmul['flops_per_s'])
+    # Memory traffic: XLA's bytes accessed against the same run's streaming
+    # rate, whose own bytes are XLA's count of y = 2 x (input and output).
+    stream = result['stream']
+    assert stream['bytes'] == 2 * stream['array_bytes']
+    assert stream['bytes_per_s'] == pytest.approx(
+        stream['bytes'] / stream['median_s'])
+    if stream['median_page_faults'] is not None:  # No fresh memory mapped.
+      assert stream['median_page_faults'] < stream['array_bytes'] / 4096 / 10
+    assert positive(result['bytes_accessed'])
+    assert result['bytes_at_stream_rate_fraction'] == pytest.approx(
+        result['bytes_accessed'] / stream['bytes_per_s'] /
+        result['median_step_s'])
     parts = report['breakdown'][precision]['parts']
     assert len(parts) == 8
     for name, part in parts.items():
@@ -313,6 +325,7 @@ def test_train_step(tmp_path, capsys):
   check_machine(report['machine'])
   printed = capsys.readouterr().out
   assert 'of matmul rate' in printed and 'full training step' in printed
+  assert "memory traffic: XLA's bytes accessed per step" in printed
   assert 'evaluation against training, 2 rounds' in printed
 
 
@@ -330,6 +343,9 @@ def test_train_step_profiles_the_step_and_each_experiment(tmp_path, capsys):
     assert (traces / label).is_dir(), label
     assert rows and all(row['ms_per_step'] >= 0 for row in rows), label
     assert any(row['kind'] == 'matmul' for row in rows), label
+    # Every operation of the step moves memory; each is timed at least once.
+    assert sum(row['bytes_accessed'] for row in rows) > 0, label
+    assert all(row['calls_per_step'] >= 1 for row in rows), label
   # LeNet-5's parts are its layers, named from the HLO.
   parts = {row['part'] for row in report['profile']['lenet5']}
   assert {'conv1', 'conv2', 'fc1'} <= parts
@@ -524,7 +540,9 @@ def test_summary_names_the_machine_and_the_side_by_side_ratios(tmp_path):
                    'reuse_freed_host_memory': True},
       'results': {'float32': {
           'median_step_s': 0.5, 'matmul': {'flops_per_s': 100e9},
-          'flops_executed': 40e9, 'executed_fraction_of_matmul_peak': 0.8}},
+          'flops_executed': 40e9, 'executed_fraction_of_matmul_peak': 0.8,
+          'stream': {'bytes_per_s': 25e9}, 'bytes_accessed': 5e9,
+          'bytes_at_stream_rate_fraction': 0.4}},
       'torch': {'results': {'float32': {'median_step_s': 2.0}}},
       'speed_ratios': {'float32': {'torch_median_step_s': 2.0,
                                    'jax_speedup': 4.0}},
@@ -541,7 +559,7 @@ def test_summary_names_the_machine_and_the_side_by_side_ratios(tmp_path):
   from benchmarks import summarize  # pylint: disable=g-import-not-at-top
   text = summarize.summary(tmp_path)
   assert 'Some CPU; CPU flags: avx2 fma; bfloat16 instructions: False' in text
-  assert '| 4.00x |' in text and '| 80% |' in text
+  assert '| 4.00x |' in text and '| 80% | 25.0 | 5.00 | 40% |' in text
   assert 'bfloat16: not timed' in text
   assert '| lenet5 | 28x28x1 |' in text and '| 2.00 |' in text
   assert ('| train_step_1.json | float32 | 600.0 | 200.0 | 3.00x | 2.90-3.20 '

@@ -1,7 +1,9 @@
-"""Tests of benchmarks/op_profile.py: naming a trace's events after the HLO."""
+"""Tests of benchmarks/op_profile.py: naming a trace's events after the HLO,
+and the bytes each operation accesses."""
 
 import gzip
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +65,10 @@ def test_op_table_sums_events_per_step_and_leaves_out_the_rest():
   assert rows[1]['ms_per_step'] == pytest.approx(10.0)
   assert rows[1]['kind'] == 'copy'
   assert rows[1]['direction'] == 'backward'
+  # Two calls of ynn_fusion.3 in two steps; its output (its operands are
+  # not in this HLO text) 190 x 128 x 256 float32.
+  assert rows[0]['calls_per_step'] == 1.0
+  assert rows[0]['bytes_accessed'] == 190 * 128 * 256 * 4
   assert op_profile.totals_by(rows, 'kind') == [(('matmul',), 40.0),
                                                 (('copy',), 10.0)]
 
@@ -77,6 +83,63 @@ def test_trace_events_reads_only_complete_events(tmp_path):
                                                 'dur': 1}]
   with pytest.raises(FileNotFoundError, match='create_perfetto_trace'):
     op_profile.trace_events(tmp_path / 'plugins' / 'missing')
+
+
+@pytest.mark.parametrize('shape, expected', [
+    ('f32[190,128,256]{2,1,0}', 190 * 128 * 256 * 4),
+    ('bf16[3,5]{1,0}', 30), ('pred[7]{0}', 7), ('f32[]', 4),
+    ('(f32[8]{0}, s32[2]{0})', 40), ('s4[3]{0}', 2), ('token[]', 0),
+    ('f8e4m3fn[4]{0}', 4)])
+def test_shape_bytes(shape, expected):
+  assert op_profile.shape_bytes(shape) == expected
+
+
+def test_bytes_accessed_counts_output_and_operands_once():
+  hlo = """
+ENTRY %main {
+  %a = f32[4,8]{1,0} parameter(0)
+  %b = f32[8,2]{1,0} parameter(1)
+  %dot.1 = f32[4,2]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %fusion.2 = (f32[4,2]{1,0}, f32[4]{0}) fusion(%dot.1, %dot.1), kind=kLoop, calls=%c
+  ROOT %gte = f32[4]{0} get-tuple-element(%fusion.2), index=1
+}
+"""
+  accessed = op_profile.bytes_accessed(hlo)
+  assert accessed['dot.1'] == (32 + 16 + 8) * 4
+  # A tuple output counts every element; an operand used twice, twice.
+  assert accessed['fusion.2'] == (8 + 4) * 4 + 2 * 8 * 4
+
+
+def test_bytes_accessed_adds_up_to_xla_cost_analysis():
+  def step(x, w):
+    return jnp.tanh(x @ w).T @ x + jnp.sum(w)
+
+  compiled = jax.jit(step).lower(jnp.ones((64, 32)),
+                                 jnp.ones((32, 32))).compile()
+  accessed = op_profile.bytes_accessed(compiled.as_text())
+  # XLA counts the entry computation's operations that do work.
+  entry = compiled.as_text().split('\nENTRY')[1]
+  total = 0
+  for line in entry.splitlines():
+    match = re.match(
+        r'\s*(?:ROOT )?%([\w.\-]+) = (?:\(.*?\)|\S+) ([\w\-]+)\(', line)
+    if match and match[2] not in ('parameter', 'constant',
+                                  'get-tuple-element', 'tuple', 'bitcast'):
+      total += accessed[match[1]]
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  assert total == analysis['bytes accessed']
+
+
+def test_memory_rate_over_the_rows_time():
+  rows = [{'ms_per_step': 10.0, 'bytes_accessed': 100e6,
+           'calls_per_step': 2.0},
+          {'ms_per_step': 30.0, 'bytes_accessed': 200e6,
+           'calls_per_step': 1.0}]
+  assert op_profile.bytes_per_step(rows[0]) == 200e6
+  assert op_profile.memory_rate(rows) == pytest.approx(400e6 / 0.04)
+  assert op_profile.memory_rate([]) is None
 
 
 def test_a_real_trace_names_the_compiled_operations(tmp_path):

@@ -451,16 +451,21 @@ def conv2d_fourier(images: jax.Array, kernel: jax.Array, stride: int = 1,
 # patches time / Fourier time, and the product ratio below:
 #   PrimaryCaps 9x9/2 256->256 on 20x20:  3.85  (ratio 5.1)
 #   baseline CNN 5x5 256->256 on 32x32:   8.15  (ratio 12)
-#   Efficient-CapsNet 3x3/2 64->128 on 20x20: 0.30 (ratio 1.3); its whole
-#     step 59 ms by 'auto', 58 ms with every layer by patches, 75 ms by
-#     Fourier
+#   Efficient-CapsNet 3x3/2 64->128 on 20x20: 0.30 (ratio 1.3)
 #   LeNet-5's 1->6 and 6->16: 1.06 and 0.92, the same within the noise
-# Few input channels feeding many output maps (conv1, 1->256, 9x9 on 28x28)
-# are faster by Fourier alone (1.35), but not inside the CapsNet step (393
-# ms by 'auto', 397 ms with conv1 by Fourier too): the inverse transforms of
-# the many output maps, and their layout, cost what the products save.
+# With few input channels the products that Fourier saves are few, and the
+# transforms of the output maps cost what they save. Few inputs feeding
+# many maps (conv1, 1->256, 9x9 on 28x28) are faster by Fourier alone
+# (1.35), but not inside the CapsNet step (393 ms by 'auto', 397 ms with
+# conv1 by Fourier too). Efficient-CapsNet's 5x5 1->32 (ratio 11.4) and
+# 3x3 64->64 (ratio 4.5) took 0.37-0.77 and 0.96-1.13 of their Fourier
+# times alone on three CPUs; its whole step with both by patches: 72.4
+# and 71.7 ms against 78.2 and 77.7 ms with both by Fourier (two
+# processes, 15 alternating rounds of 3 steps each, 2-core Xeon with AMX),
+# 58.2 against 59.1 ms on the AMD EPYC above. So Fourier needs both: a
+# product ratio of 4 or more and at least 128 input channels.
 FOURIER_MIN_PRODUCT_RATIO = 4
-FOURIER_MANY_CHANNELS = 64
+FOURIER_MIN_IN_CHANNELS = 128
 
 
 def fourier_product_ratio(height: int, width: int, kernel_size: int,
@@ -486,8 +491,8 @@ def resolve_method(method: str, compute_dtype: jnp.dtype | None,
   """The method `conv2d` runs for `method` ('auto' resolved).
 
   'auto' -> 'lax' off the CPU. On the CPU 'fourier' where it saves
-  products (`fourier_product_ratio` >= 4), unless few input channels feed
-  many output maps (fewer than 64 in, 64 or more out), else 'patches'.
+  products (`fourier_product_ratio` >= 4) and the layer has 128 or more
+  input channels, else 'patches'.
 
   Args:
     method: one of METHODS.
@@ -510,7 +515,7 @@ def resolve_method(method: str, compute_dtype: jnp.dtype | None,
   if (fourier_product_ratio(height, width, kernel_size, stride) <
       FOURIER_MIN_PRODUCT_RATIO):
     return 'patches'
-  if (in_channels < FOURIER_MANY_CHANNELS <= out_channels):
+  if in_channels < FOURIER_MIN_IN_CHANNELS:
     return 'patches'
   return 'fourier'
 

@@ -29,7 +29,8 @@ class Conv2D(nn.Module):
 
   Same parameters ('kernel' HWIO, 'bias') and initialisers as `nn.Conv`, but
   its backward pass avoids XLA:CPU's slow strided-convolution gradient.
-  `method`: 'auto' (Fourier for float32 on CPU), 'patches' or 'fourier'.
+  `method`: 'auto' (`convolution.resolve_method`: on the CPU Fourier where
+  it pays, else patches; 'lax' elsewhere), 'patches', 'fourier' or 'lax'.
 
   >>> import flax.linen as nn, jax, jax.numpy as jnp
   >>> ones = nn.initializers.ones

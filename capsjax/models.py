@@ -66,8 +66,8 @@ class CapsNet(nn.Module):
   # Compute dtype of the matmuls (convolutions, prediction vectors, decoder).
   dtype: Any = jnp.float32
   # How both convolutions are computed (`capsjax.convolution.conv2d`):
-  # 'auto' (Fourier for float32 on CPU, else patches), 'patches' or
-  # 'fourier'.
+  # 'auto' (`capsjax.convolution.resolve_method`: on the CPU Fourier where
+  # it pays, else patches; 'lax' off the CPU), 'patches', 'fourier' or 'lax'.
   conv_method: str = 'auto'
   # The class capsules' routing (`capsjax.routing.ALGORITHMS`): 'dynamic'
   # (the paper), 'em' (the 16D votes as flattened 4x4 poses, the primary

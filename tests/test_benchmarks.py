@@ -445,7 +445,7 @@ def test_conv_methods(tmp_path, capsys):
       assert result['timings'][method]['repeats'] == 2
       assert positive(result['timings'][method]['median_s'])
   # What 'auto' picks for these shapes, as tests/test_convolution.py pins it.
-  assert [r['auto'] for r in report['results']] == ['fourier', 'patches']
+  assert [r['auto'] for r in report['results']] == ['patches', 'patches']
   assert report['steps'] == []
   assert 'patches / fourier' in capsys.readouterr().out
 

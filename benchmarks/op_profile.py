@@ -35,20 +35,19 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+# An instruction: its name, whole output shape (a tuple's too), opcode,
+# operands and the rest of the line (attributes, metadata).
 _INSTRUCTION = re.compile(
-    r'^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = (?P<shape>\S+) (?P<rest>.*)$',
-    re.MULTILINE)
+    r'^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = '
+    r'(?P<shape>\((?:[^()]|\([^()]*\))*\)|\S+) '
+    r'(?P<opcode>[\w\-]+)\((?P<operands>[^)]*)\)(?P<rest>.*)$', re.MULTILINE)
 _OP_NAME = re.compile(r'op_name="(?P<op_name>[^"]*)"')
 # The part of operations whose instruction carries no op_name (XLA's own:
 # e.g. a layout copy of a parameter, or a broadcast it wrapped).
 UNNAMED = 'not named in the HLO'
 
-# An instruction with its whole output shape (a tuple's too), its opcode
-# and its operands.
-_INSTRUCTION_OPERANDS = re.compile(
-    r'^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = (?P<shape>\(.*?\)|\S+) '
-    r'(?P<opcode>[\w\-]+)\((?P<operands>[^)]*)\)', re.MULTILINE)
-_ARRAY_SHAPE = re.compile(r'(?P<dtype>[a-z]+\d*(?:e\d+m\d+\w*)?)\[(?P<dims>[\d,]*)\]')
+_ARRAY_SHAPE = re.compile(
+    r'(?P<dtype>[a-z]+\d*(?:e\d+m\d+\w*)?)\[(?P<dims>[\d,]*)\]')
 _OPERAND = re.compile(r'%(?P<name>[\w.\-]+)')
 
 # The model scope after the traced function's own prefix.
@@ -93,7 +92,7 @@ def bytes_accessed(hlo_text: str) -> dict[str, int]:
   once}, the count that XLA's cost analysis sums to 'bytes accessed'."""
   shapes = {}
   accessed = {}
-  for match in _INSTRUCTION_OPERANDS.finditer(hlo_text):
+  for match in _INSTRUCTION.finditer(hlo_text):
     shapes[match['name']] = shape_bytes(match['shape'])
     accessed[match['name']] = shapes[match['name']] + sum(
         shapes.get(operand['name'], 0)

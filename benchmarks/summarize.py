@@ -9,11 +9,12 @@ one Markdown row per setting: the median over runs of each run's median
 step time, its range over runs, images/s, and PyTorch's step time measured
 in the same runs with the speed ratio; then, per run, the ratios measured
 side by side (JAX vs PyTorch, executed FLOPs vs the same run's plain dot
-rate, XLA's bytes accessed vs the same run's streaming rate); evaluation against training, alternating in one process
-(`--evaluation`); the other experiments' steps; the peak memory per
-routing iteration count (`routing_iterations.json`); whole steps by
-convolution method (`conv_methods.json`); and the machine (CPU model and
-flags, device) of every run. `benchmarks/run_all.sh DIR` writes such a folder.
+rate, XLA's bytes accessed vs the same run's streaming rate); evaluation
+against training, alternating in one process (`--evaluation`); the other
+experiments' steps; the peak memory per routing iteration count
+(`routing_iterations.json`); whole steps by convolution method
+(`conv_methods.json`); and the machine (CPU model and flags, device) of
+every run. `benchmarks/run_all.sh DIR` writes such a folder.
 """
 
 from __future__ import annotations
